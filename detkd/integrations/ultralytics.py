@@ -1,0 +1,495 @@
+"""Ultralytics YOLO integration: distil logits, boxes and neck features inside Ultralytics' own trainer.
+
+Two ways in:
+
+* CLI: ``detkd train CONFIG.yaml [key=value ...]`` (see ``detkd/train.py``).
+* Python, in an existing Ultralytics project::
+
+      from ultralytics import YOLO
+      from detkd.integrations.ultralytics import DistillTrainer
+      YOLO("yolo11n.yaml").train(data="data.yaml", epochs=100, trainer=DistillTrainer,
+                                 distill_model="kd.yaml")   # or distill_model="teacher.pt" for the default recipe
+
+The channel for detkd's settings is Ultralytics' own ``distill_model`` argument (its ``get_cfg`` rejects unknown
+keys): a detkd YAML with ``teacher:`` and a ``distill:`` block, or a teacher ``.pt`` (default recipe). Being a real
+train argument, it is saved in ``args.yaml`` and in checkpoints' ``train_args``, survives ``resume=True`` and is
+handed to DDP workers, which rebuild the trainer from its class and args.
+
+How it hooks in: ``DistillTrainer.get_model`` returns a :class:`KDDetectionModel`, a subclass of Ultralytics'
+``DistillationModel`` so that every place Ultralytics special-cases distillation (frozen teacher, EMA without the
+teacher, class weights on the student, resume) treats it as one. Its ``loss()`` runs the student with detkd's
+feature taps recording, the frozen teacher under ``no_grad``, Ultralytics' detection loss, and the
+:class:`~detkd.distiller.Distiller`, and returns each distillation term as its own loss item (``kd_cls``,
+``kd_box``, ``kd_feat``), so they show in the progress bar and ``results.csv``.
+
+Checkpoints (``last.pt``, ``best.pt``) hold the plain student ``DetectionModel`` only: they load with plain
+Ultralytics (``yolo predict``, ``yolo export``) where detkd is not installed. The distillation state needed to
+resume (adapter weights, their EMA) goes to ``weights/last.kd.pt`` beside them. Both are written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+from detkd.integrations.ultralytics_env import ensure_ultralytics_offline
+
+ensure_ultralytics_offline()
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
+from ultralytics.nn.distill_model import DistillationModel  # noqa: E402
+from ultralytics.nn.modules.head import Detect  # noqa: E402
+from ultralytics.nn.tasks import DetectionModel, load_checkpoint  # noqa: E402
+from ultralytics.utils import LOGGER, RANK, YAML  # noqa: E402
+from ultralytics.utils.tal import make_anchors  # noqa: E402
+from ultralytics.utils.torch_utils import ModelEMA, unwrap_model  # noqa: E402
+
+from detkd.config import DistillConfig  # noqa: E402
+from detkd.distiller import DenseOutputs, Distiller  # noqa: E402
+from detkd.errors import ConfigError, DetkdError  # noqa: E402
+
+__all__ = [
+    "DistillTrainer",
+    "KDDetectionModel",
+    "UltralyticsHead",
+    "load_teacher",
+    "load_kd_settings",
+    "check_compatible",
+    "detect_layer",
+    "yolo_gt_boxes",
+]
+
+KD_TERMS = ("kd_cls", "kd_box", "kd_feat")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models: loading, inspection, compatibility
+# ----------------------------------------------------------------------------------------------------------------
+def detect_layer(model: nn.Module) -> Detect:
+    """The model's Detect head (the last layer of an Ultralytics detection model)."""
+    model = getattr(model, "student_model", model)
+    layers = getattr(model, "model", None)
+    if layers is not None and len(layers) and isinstance(layers[-1], Detect):
+        return layers[-1]
+    for m in model.modules():
+        if isinstance(m, Detect):
+            return m
+    raise ConfigError(f"{type(model).__name__} has no Ultralytics Detect head: it is not a detection model")
+
+
+def head_kind(model: nn.Module) -> str:
+    """'dfl' for YOLOv8/YOLO11-style heads (reg_max > 1), 'e2e' for YOLO26-style (reg_max 1, one2one branch)."""
+    d = detect_layer(model)
+    if d.reg_max > 1:
+        return "dfl"
+    return "e2e" if getattr(d, "one2one_cv2", None) is not None else "direct"
+
+
+def load_teacher(path: str | Path) -> DetectionModel:
+    """Load a teacher checkpoint as a frozen FP32 Ultralytics detection model, with clear errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"teacher: file not found: {p}. Train a teacher first or point 'teacher' at a .pt file")
+    try:
+        model, _ = load_checkpoint(str(p))
+    except Exception as e:  # torch/pickle/zip errors, Ultralytics format errors
+        raise ConfigError(f"teacher: {p} could not be loaded as an Ultralytics checkpoint ({type(e).__name__}: {e})") from e
+    if getattr(model, "task", "detect") != "detect" or not isinstance(model, DetectionModel):
+        raise ConfigError(
+            f"teacher: {p} is a {getattr(model, 'task', type(model).__name__)} model, not a detection model"
+        )
+    detect_layer(model)
+    model.float().eval()
+    for q in model.parameters():
+        q.requires_grad_(False)
+    return model
+
+
+def _names(model: nn.Module) -> list[str]:
+    names = getattr(model, "names", None)
+    if isinstance(names, dict):
+        return [names[k] for k in sorted(names)]
+    return list(names or [])
+
+
+def check_compatible(student: nn.Module, teacher: nn.Module, cfg: DistillConfig) -> None:
+    """Raise one clear ConfigError if a configured signal cannot be used between these two models."""
+    s_det, t_det = detect_layer(student), detect_layer(teacher)
+    dense = [k for k, v in (("logits", cfg.logits), ("boxes", cfg.boxes)) if v is not None]
+    if dense:
+        if s_det.nc != t_det.nc:
+            raise ConfigError(
+                f"distill.{dense[0]}: teacher has {t_det.nc} classes, student {s_det.nc}; dense logit/box distillation "
+                "needs the same classes. Retrain the teacher on the student's data or disable distill.logits/boxes"
+            )
+        sn, tn = _names(student), _names(teacher)
+        if sn and tn and sn != tn:
+            raise ConfigError(
+                f"distill.{dense[0]}: class names/order differ: teacher {tn} vs student {sn}. Train both on the same data yaml"
+            )
+        s_str, t_str = [float(x) for x in s_det.stride], [float(x) for x in t_det.stride]
+        if s_str != t_str:
+            raise ConfigError(
+                f"distill.{dense[0]}: teacher strides {t_str} differ from student strides {s_str}; per-anchor signals "
+                "need the same levels. Use feature distillation only (remove distill.logits and distill.boxes)"
+            )
+    if cfg.boxes is not None and cfg.boxes.method == "ld" and s_det.reg_max != t_det.reg_max:
+        raise ConfigError(
+            f"distill.boxes.method=ld: teacher reg_max {t_det.reg_max} != student reg_max {s_det.reg_max} "
+            "(e.g. a YOLOv8/11 teacher and a YOLO26 student); use distill.boxes.method=l1_giou instead"
+        )
+    if cfg.boxes is not None and cfg.boxes.method == "ld" and s_det.reg_max <= 1:
+        raise ConfigError("distill.boxes.method=ld needs a DFL head (reg_max > 1); this student has reg_max 1: use l1_giou")
+
+
+class UltralyticsHead:
+    """Picklable head extractor: Detect's raw output -> :class:`DenseOutputs` (anchors first).
+
+    Detect in training mode returns ``{'boxes': (N, 4R, A), 'scores': (N, K, A), 'feats': [P3, P4, P5]}``
+    (YOLO26: that dict under 'one2many' and 'one2one'); in eval mode ``(decoded, raw)``. ``box_dist`` is the
+    (N, A, 4, R) DFL logits when R > 1; ``boxes`` are decoded xyxy in input pixels.
+    """
+
+    def __init__(self, stride: list[float], reg_max: int, branch: str = "one2many"):
+        self.stride = torch.tensor([float(s) for s in stride])
+        self.reg_max = int(reg_max)
+        self.branch = branch
+
+    def __call__(self, out: Any) -> DenseOutputs:
+        if isinstance(out, (tuple, list)):
+            out = out[1]
+        if "one2many" in out:
+            out = out[self.branch]
+        scores, raw = out["scores"], out["boxes"]
+        n, _, a = scores.shape
+        cls = scores.transpose(1, 2)
+        anchors, strides = make_anchors(out["feats"], self.stride.to(scores.device), 0.5)  # (A, 2), (A, 1)
+        if self.reg_max > 1:
+            dist = raw.view(n, 4, self.reg_max, a).permute(0, 3, 1, 2)  # (N, A, 4, R)
+            proj = torch.arange(self.reg_max, device=raw.device, dtype=dist.dtype)
+            ltrb = dist.softmax(-1) @ proj  # (N, A, 4)
+        else:
+            dist = None
+            ltrb = raw.view(n, 4, a).transpose(1, 2)
+        lt, rb = ltrb.chunk(2, -1)
+        boxes = torch.cat((anchors - lt, anchors + rb), -1) * strides
+        return DenseOutputs(cls=cls, box_dist=dist, boxes=boxes)
+
+
+def yolo_gt_boxes(batch: dict, img_shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ultralytics batch labels -> padded ``(N, M, 4)`` xyxy pixel boxes and ``(N, M)`` validity, vectorised."""
+    n = batch["img"].shape[0]
+    device = batch["img"].device
+    bidx = batch["batch_idx"].to(device).long().view(-1)
+    xywh = batch["bboxes"].to(device).float().view(-1, 4)
+    h, w = img_shape
+    if bidx.numel() == 0:
+        return torch.zeros(n, 0, 4, device=device), torch.zeros(n, 0, dtype=torch.bool, device=device)
+    counts = torch.bincount(bidx, minlength=n)
+    m = int(counts.max())
+    order = torch.argsort(bidx, stable=True)
+    bidx, xywh = bidx[order], xywh[order]
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(bidx.numel(), device=device) - starts[bidx]
+    scale = torch.tensor([w, h, w, h], device=device, dtype=xywh.dtype)
+    c, s = xywh[:, :2], xywh[:, 2:]
+    xyxy = torch.cat((c - s / 2, c + s / 2), 1) * scale
+    boxes = torch.zeros(n, m, 4, device=device)
+    valid = torch.zeros(n, m, dtype=torch.bool, device=device)
+    boxes[bidx, slot] = xyxy
+    valid[bidx, slot] = True
+    return boxes, valid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings: the `distill_model` channel
+# ----------------------------------------------------------------------------------------------------------------
+DEFAULT_RECIPE: dict = {
+    "logits": {"method": "sigmoid_kd", "weight": 1.0, "temperature": 1.0},
+    "boxes": {"method": "ld", "weight": 1.0, "temperature": 10.0},
+    "features": "auto",
+    "feature_method": "cwd",
+    "feature_weight": 1.0,
+}
+
+
+def load_kd_settings(source: str | Path) -> tuple[Path, dict]:
+    """Resolve Ultralytics' ``distill_model`` value to ``(teacher_path, distill_dict)``.
+
+    ``source`` is a teacher ``.pt`` (default recipe) or a detkd YAML with ``teacher`` and ``distill`` keys
+    (other keys, e.g. Ultralytics train settings of a ``detkd train`` config, are ignored here).
+    """
+    p = Path(str(source))
+    if p.suffix.lower() == ".pt":
+        return p, copy.deepcopy(DEFAULT_RECIPE)
+    if not p.is_file():
+        raise ConfigError(f"distill_model: file not found: {p} (expected a detkd YAML or a teacher .pt)")
+    try:
+        data = YAML.load(p) or {}
+    except Exception as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from e
+    if "teacher" not in data:
+        raise ConfigError(f"{p}: missing key 'teacher' (path to the teacher .pt)")
+    teacher = Path(str(data["teacher"]))
+    if not teacher.is_absolute():
+        teacher = (p.parent / teacher) if (p.parent / teacher).exists() else teacher
+    distill = data.get("distill")
+    return teacher, (copy.deepcopy(DEFAULT_RECIPE) if distill is None else distill)
+
+
+def _expand_features(distill: dict, student: nn.Module, teacher: nn.Module) -> dict:
+    """Turn ``features: auto`` (and per-tap ``student/teacher: auto``) into the Detect inputs of each model."""
+    d = dict(distill)
+    method = d.pop("feature_method", "cwd")
+    weight = d.pop("feature_weight", 1.0)
+    options = d.pop("feature_options", {}) or {}
+    feats = d.get("features", "auto")
+    s_layers = [f"model.{i}" for i in detect_layer(student).f]
+    t_layers = [f"model.{i}" for i in detect_layer(teacher).f]
+    if feats == "auto":
+        if len(s_layers) != len(t_layers):
+            raise ConfigError(
+                f"distill.features=auto: teacher has {len(t_layers)} detection levels, student {len(s_layers)}; "
+                "list the feature pairs explicitly"
+            )
+        d["features"] = [
+            {"student": s, "teacher": t, "method": method, "weight": weight, "options": dict(options)}
+            for s, t in zip(s_layers, t_layers)
+        ]
+    elif feats in (None, False, "none"):
+        d["features"] = []
+    else:
+        out = []
+        for i, tap in enumerate(feats):
+            tap = dict(tap)
+            if tap.get("student", "auto") == "auto":
+                tap["student"] = s_layers[i]
+            if tap.get("teacher", "auto") == "auto":
+                tap["teacher"] = t_layers[i]
+            out.append(tap)
+        d["features"] = out
+    for k in ("logits", "boxes"):
+        if d.get(k) in (False, "none"):
+            d[k] = None
+    return d
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model wrapper
+# ----------------------------------------------------------------------------------------------------------------
+class KDDetectionModel(DistillationModel):
+    """Student + frozen teacher + :class:`Distiller`, shaped like Ultralytics' ``DistillationModel``.
+
+    Registered submodules: ``student_model`` and ``distiller`` (adapters / MGD / FGD modules only). The teacher
+    lives inside the distiller, unregistered, so it is neither in ``parameters()`` (hence not in the optimizer)
+    nor in ``state_dict()``; ``teacher_model`` is a property for Ultralytics' code, and setting it to None (what
+    ``ModelEMA`` does to its copy) drops the teacher from that copy.
+    """
+
+    def __init__(self, student: DetectionModel, teacher: DetectionModel, distill: dict, imgsz: int = 640):
+        nn.Module.__init__(self)
+        cfg = DistillConfig.from_dict(_expand_features(distill, student, teacher))
+        check_compatible(student, teacher, cfg)
+        s_det = detect_layer(student)
+        ch = student.yaml.get("channels", 3) if isinstance(getattr(student, "yaml", None), dict) else 3
+        device = next(student.parameters()).device
+        teacher = teacher.to(device)
+        example = torch.zeros(1, ch, imgsz, imgsz, device=device)
+        self.student_model = student
+        self.distiller = Distiller(
+            student,
+            teacher,
+            cfg,
+            example_inputs=example,
+            head=f"model.{len(student.model) - 1}",
+            head_extractor=UltralyticsHead(s_det.stride.tolist(), s_det.reg_max),
+            teacher_head=f"model.{len(teacher.model) - 1}",
+            teacher_head_extractor=UltralyticsHead(detect_layer(teacher).stride.tolist(), detect_layer(teacher).reg_max),
+        )
+        self.kd_terms = tuple(k for k, on in zip(KD_TERMS, (cfg.logits, cfg.boxes, cfg.features)) if on)
+        self.task_weight = float(cfg.task_weight)
+        for k in ("yaml", "nc", "names", "stride", "args", "task", "pt_path", "end2end"):
+            if hasattr(student, k) and k != "end2end":
+                setattr(self, k, getattr(student, k))
+
+    # --- teacher plumbing -------------------------------------------------------------------------------------
+    @property
+    def teacher_model(self):  # noqa: D401 - property used by Ultralytics
+        return self.__dict__.get("distiller") and self.distiller.teacher
+
+    @teacher_model.setter
+    def teacher_model(self, value):
+        if "_modules" in self.__dict__ and "distiller" in self._modules:
+            self.distiller.teacher = value
+
+    def _freeze_teacher(self):
+        t = self.teacher_model
+        if t is not None:
+            t.eval()
+            for q in t.parameters():
+                q.requires_grad_(False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        t = self.teacher_model
+        if t is not None:
+            t._apply(fn, recurse)
+        return self
+
+    def __getstate__(self):
+        return self.__dict__.copy()
+
+    def __setstate__(self, state):
+        nn.Module.__setstate__(self, state)
+
+    def _remove_feature_hooks(self) -> None:  # detkd registers hooks only while recording
+        return None
+
+    def _register_feature_hooks(self) -> None:
+        return None
+
+    # --- Ultralytics model API delegated to the student --------------------------------------------------------
+    def set_head_attr(self, **kwargs):
+        return self.student_model.set_head_attr(**kwargs)
+
+    def fuse(self, verbose: bool = True, imgsz: int | list[int] = 640):
+        return self.student_model.fuse(verbose=verbose)
+
+    def train(self, mode: bool = True):
+        nn.Module.train(self, mode)
+        self._freeze_teacher()
+        return self
+
+    # --- loss ----------------------------------------------------------------------------------------------------
+    def loss(self, batch: dict, preds=None):
+        """Detection loss of the student plus the distillation terms, each its own loss item."""
+        student = self.student_model
+        if not self.training or self.teacher_model is None:  # validation on the EMA copy (no teacher)
+            if preds is None:
+                preds = student(batch["img"])
+            regular, items = student.loss(batch, preds)
+            zero = torch.zeros(len(self.kd_terms), device=regular.device)
+            items.update({k: zero[i] for i, k in enumerate(self.kd_terms)})
+            return torch.cat([regular, zero]), items
+        img = batch["img"]
+        with self.distiller.record(student):
+            preds = student(img)
+        regular, items = student.loss(batch, preds)
+        gt_boxes, gt_valid = yolo_gt_boxes(batch, tuple(img.shape[-2:]))
+        terms = self.distiller(img, student_output=preds, gt_boxes=gt_boxes, gt_valid=gt_valid, img_shape=tuple(img.shape[-2:]))
+        kd = torch.stack([terms.get(k, torch.zeros((), device=img.device)).float() for k in self.kd_terms])
+        for i, k in enumerate(self.kd_terms):
+            items[k] = kd[i].detach()
+        bs = img.shape[0]
+        return torch.cat([regular * self.task_weight, kd * bs]), items
+
+
+def _atomic_replace(tmp: Path, dst: Path) -> None:
+    if tmp.exists():
+        os.replace(tmp, dst)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class DistillTrainer(DetectionTrainer):
+    """Ultralytics ``DetectionTrainer`` that trains a :class:`KDDetectionModel`.
+
+    Reads detkd settings from the ``distill_model`` train argument (a detkd YAML or a teacher ``.pt``).
+    """
+
+    def __init__(self, cfg=None, overrides: dict | None = None, _callbacks=None):
+        from ultralytics.utils import DEFAULT_CFG
+
+        super().__init__(cfg or DEFAULT_CFG, overrides, _callbacks)
+        if os.environ.get("DETKD_THREADS"):  # Ultralytics sets 1 CPU thread on a 2-core machine; let users choose
+            torch.set_num_threads(int(os.environ["DETKD_THREADS"]))
+        if not self.args.distill_model:
+            raise ConfigError("DistillTrainer needs distill_model=<detkd YAML or teacher .pt>")
+        self.teacher_path, self.distill_dict = load_kd_settings(self.args.distill_model)
+        if not self.teacher_path.is_file():
+            raise ConfigError(f"teacher: file not found: {self.teacher_path}")
+        self.kd_state_path = self.wdir / "last.kd.pt"
+
+    # --- model ---------------------------------------------------------------------------------------------------
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        student = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+        student.args = self.args
+        teacher = load_teacher(self.teacher_path)
+        imgsz = self.args.imgsz if isinstance(self.args.imgsz, int) else max(self.args.imgsz)
+        model = KDDetectionModel(student, teacher, self.distill_dict, imgsz=int(imgsz))
+        if RANK in {-1, 0} and verbose:
+            d = model.distiller
+            LOGGER.info(f"detkd: teacher {self.teacher_path} -> student; terms {list(model.kd_terms)}; "
+                        f"{sum(p.numel() for p in d.parameters())} distillation parameters")
+        return model
+
+    def set_model_attributes(self):
+        super().set_model_attributes()
+        m = unwrap_model(self.model)
+        for k in ("nc", "names", "args"):
+            setattr(m.student_model, k, getattr(m, k))
+
+    def _model_train(self):
+        super()._model_train()
+        unwrap_model(self.model).distiller.set_progress(self.epoch, self.epochs)
+
+    # --- checkpoints ---------------------------------------------------------------------------------------------
+    def save_model(self):
+        """Write plain-student checkpoints (loadable without detkd) plus ``last.kd.pt``; all writes atomic."""
+        wrapper_ema = self.ema.ema
+        last, best = self.last, self.best
+        tmp_last, tmp_best = last.with_name(last.name + ".tmp"), best.with_name(best.name + ".tmp")
+        self.wdir.mkdir(parents=True, exist_ok=True)
+        _atomic_torch_save(
+            {
+                "epoch": self.epoch,
+                "distiller": unwrap_model(self.model).distiller.state_dict(),
+                "distiller_ema": wrapper_ema.distiller.state_dict(),
+                "distill_model": str(self.args.distill_model),
+            },
+            self.kd_state_path,
+        )
+        self.ema.ema, self.last, self.best = wrapper_ema.student_model, tmp_last, tmp_best
+        try:
+            ok = super().save_model()
+        finally:
+            self.ema.ema, self.last, self.best = wrapper_ema, last, best
+        _atomic_replace(tmp_last, last)
+        _atomic_replace(tmp_best, best)
+        return ok
+
+    def _load_checkpoint_state(self, ckpt):
+        """Ultralytics' resume state, with the EMA split into plain student (last.pt) and distiller (last.kd.pt)."""
+        kd = None
+        if self.kd_state_path.exists():
+            kd = torch.load(self.kd_state_path, map_location="cpu", weights_only=True)
+            if kd.get("epoch") != ckpt.get("epoch"):
+                LOGGER.warning(f"detkd: {self.kd_state_path} is from epoch {kd.get('epoch')}, last.pt from "
+                               f"{ckpt.get('epoch')}; resuming with the distillation state as saved")
+        else:
+            LOGGER.warning(f"detkd: {self.kd_state_path} not found; resuming with freshly initialised adapters")
+        model = unwrap_model(self.model)
+        if kd is not None:
+            model.distiller.load_state_dict(kd["distiller"])
+        if ckpt.get("optimizer") is not None:
+            for saved, group in zip(ckpt["optimizer"]["param_groups"], self.optimizer.param_groups):
+                saved["fused"] = group.get("fused")
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema and ckpt.get("ema"):
+            self.ema = ModelEMA(self.model)
+            self.ema.ema.student_model.load_state_dict(ckpt["ema"].float().state_dict())
+            if kd is not None:
+                self.ema.ema.distiller.load_state_dict(kd["distiller_ema"])
+            self.ema.updates = ckpt["updates"]
+        self.best_fitness = ckpt.get("best_fitness")
+        self.stopper.__dict__.update(ckpt.get("stopper") or {})

@@ -1,0 +1,170 @@
+"""`detkd train CONFIG.yaml [key=value ...]`: checks everything, then runs Ultralytics' trainer with detkd.
+
+A config names ``teacher`` (.pt), ``student`` (.yaml or .pt), ``data`` (an Ultralytics data yaml), a
+``distill:`` block (see ``configs/``), optional ``threads`` (torch CPU threads), and any Ultralytics train
+argument (``epochs``, ``imgsz``, ``batch``, ``device``, ``project``, ``name``, ...). ``key=value`` overrides use
+Ultralytics' style; nested distill keys use dots: ``distill.logits.weight=2``.
+
+Every check that can fail runs before the first epoch and fails with one clear message: missing or unreadable
+teacher, a teacher that is not a detection model, class-count mismatch, unknown keys or methods, a data yaml
+pointing at missing folders.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from detkd.errors import ConfigError, DataError
+from detkd.integrations.ultralytics_env import detkd_home, ensure_ultralytics_offline
+
+DETKD_KEYS = {"teacher", "student", "distill", "threads"}
+
+
+def _parse_value(v: str) -> Any:
+    try:
+        return yaml.safe_load(v)
+    except yaml.YAMLError:
+        return v
+
+
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    """Apply ``key=value`` / ``a.b.c=value`` overrides to a nested dict (in place; returns it)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value")
+        key, val = item.split("=", 1)
+        parts = key.strip().split(".")
+        d = cfg
+        for p in parts[:-1]:
+            if not isinstance(d.get(p), dict):
+                d[p] = {}
+            d = d[p]
+        d[parts[-1]] = _parse_value(val)
+    return cfg
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        cfg = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{p}: expected a mapping of keys at the top level")
+    apply_overrides(cfg, overrides or [])
+    base = p.parent.resolve()
+    for k in ("teacher", "student", "data"):  # paths relative to the config file, when that file exists
+        v = cfg.get(k)
+        if isinstance(v, str) and not Path(v).is_absolute() and (base / v).exists():
+            cfg[k] = str(base / v)
+    cfg["_source"] = str(p)
+    return cfg
+
+
+def _check_keys(cfg: dict, source: str) -> None:
+    ensure_ultralytics_offline()
+    from ultralytics.utils import DEFAULT_CFG_KEYS
+
+    valid = set(DEFAULT_CFG_KEYS) | DETKD_KEYS
+    for k in cfg:
+        if k.startswith("_"):
+            continue
+        if k not in valid:
+            close = difflib.get_close_matches(k, sorted(valid), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: unknown key '{k}'{hint}")
+    for k in ("teacher", "student", "data"):
+        if not cfg.get(k):
+            raise ConfigError(f"{source}: missing key '{k}'")
+    if cfg.get("distill_model"):
+        raise ConfigError(f"{source}: 'distill_model' is set by detkd from 'teacher' and 'distill'; remove it")
+
+
+def check_data_yaml(data: str | Path) -> dict:
+    """Check an Ultralytics data yaml: file exists, names present, train/val folders exist. Returns it."""
+    p = Path(data)
+    if not p.is_file():
+        raise DataError(f"data: file not found: {p}")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DataError(f"data: {p} is not valid YAML ({e})") from e
+    if "names" not in d:
+        raise DataError(f"data: {p} has no 'names' (class names)")
+    root = Path(d.get("path") or p.parent)
+    if not root.is_absolute():
+        root = (p.parent / root).resolve()
+    for split in ("train", "val"):
+        if split not in d:
+            raise DataError(f"data: {p} has no '{split}' entry")
+        entries = d[split] if isinstance(d[split], list) else [d[split]]
+        for e in entries:
+            q = Path(e) if Path(e).is_absolute() else root / e
+            if not q.exists():
+                raise DataError(f"data: {p}: {split} path '{e}' resolves to {q}, which does not exist")
+    if d.get("download"):
+        raise DataError(f"data: {p} has a 'download' key; detkd never downloads. Remove it and provide the files")
+    names = d["names"]
+    d["_nc"] = len(names)
+    return d
+
+
+def prepare(cfg: dict) -> tuple[str, dict, Path]:
+    """Validate a train config and write the resolved distillation settings. Returns (student, train_args, kd_yaml)."""
+    ensure_ultralytics_offline()
+    source = cfg.get("_source", "config")
+    _check_keys(cfg, source)
+    from detkd.integrations import ultralytics as ul
+
+    teacher_path = Path(cfg["teacher"])
+    teacher = ul.load_teacher(teacher_path)
+    data = check_data_yaml(cfg["data"])
+    t_nc = ul.detect_layer(teacher).nc
+    if t_nc != data["_nc"]:
+        raise ConfigError(
+            f"teacher {teacher_path} predicts {t_nc} classes but data {cfg['data']} has {data['_nc']}; "
+            "train the teacher on this dataset (same names, same order)"
+        )
+    student = str(cfg["student"])
+    if student.endswith(".pt") and not Path(student).is_file():
+        raise ConfigError(f"student: file not found: {student} (use a model .yaml such as yolov8n.yaml to start from scratch)")
+    distill = cfg.get("distill")
+    if distill is None:
+        distill = dict(ul.DEFAULT_RECIPE)
+    # Validate the distill block now (unknown keys, methods, values) against the teacher's layers.
+    from detkd.config import DistillConfig
+
+    probe = ul._expand_features(distill, teacher, teacher)
+    DistillConfig.from_dict(probe)
+    resolved = {"teacher": str(teacher_path.resolve()), "distill": distill}
+    text = yaml.safe_dump(resolved, sort_keys=False)
+    out = detkd_home() / "runs" / f"kd-{hashlib.sha1(text.encode()).hexdigest()[:12]}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    args = {k: v for k, v in cfg.items() if k not in DETKD_KEYS and not k.startswith("_")}
+    args["distill_model"] = str(out)
+    return student, args, out
+
+
+def train(cfg: dict) -> Path:
+    """Run distillation training. Returns the run's save directory."""
+    student, args, _ = prepare(cfg)
+    if cfg.get("threads"):
+        os.environ["DETKD_THREADS"] = str(int(cfg["threads"]))
+    from ultralytics import YOLO
+
+    from detkd.integrations.ultralytics import DistillTrainer
+
+    model = YOLO(student, task="detect")
+    model.train(trainer=DistillTrainer, **args)
+    return Path(model.trainer.save_dir)

@@ -1,0 +1,11 @@
+"""Test-wide settings: detkd/Ultralytics state goes to a throwaway directory, threads are fixed."""
+
+import os
+import tempfile
+
+_home = tempfile.mkdtemp(prefix="detkd-test-home-")
+os.environ.setdefault("DETKD_HOME", _home)
+os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(_home, "ultralytics"))
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "False")
+os.environ.setdefault("YOLO_VERBOSE", "False")
