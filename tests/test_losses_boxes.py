@@ -53,8 +53,8 @@ def _grad(loss, x):
 # ---------------------------------------------------------------- independent references
 def ref_giou_one(a, b, eps=1e-10):
     """GIoU of two single boxes from scalar coordinates (Rezatofighi et al.; eps as in PaddleDetection)."""
-    ax1, ay1, ax2, ay2 = a[0], a[1], a[2], a[3]
-    bx1, by1, bx2, by2 = b[0], b[1], b[2], b[3]
+    ax1, ay1, ax2, ay2 = a.unbind(0)
+    bx1, by1, bx2, by2 = b.unbind(0)
     iw = torch.clamp(torch.min(ax2, bx2) - torch.max(ax1, bx1), min=0)
     ih = torch.clamp(torch.min(ay2, by2) - torch.max(ay1, by1), min=0)
     inter = iw * ih
@@ -66,10 +66,10 @@ def ref_giou_one(a, b, eps=1e-10):
 def ref_ld(s, t, T, weight=None, avg_factor=None, reduction="mean", bins="mean"):
     """mmdet KnowledgeDistillationKLDivLoss + weighted_loss, written as a loop over rows."""
     b = s.shape[-1]
-    s2, t2 = s.reshape(-1, b), t.detach().reshape(-1, b)
-    w = None if weight is None else weight.reshape(-1)
+    s2, t2 = s.reshape(-1, b).unbind(0), t.detach().reshape(-1, b).unbind(0)  # unbind: cheap autograd
+    w = None if weight is None else weight.reshape(-1).unbind(0)
     rows = []
-    for r in range(s2.shape[0]):
+    for r in range(len(s2)):
         es = torch.exp(s2[r] / T - (s2[r] / T).max())
         et = torch.exp(t2[r] / T - (t2[r] / T).max())
         ps, pt = es / es.sum(), et / et.sum()
@@ -91,6 +91,8 @@ def ref_ld(s, t, T, weight=None, avg_factor=None, reduction="mean", bins="mean")
 def ref_box_kd(sb, tb, scores, giou_w=2.5, l1_w=0.0, thr=None, soft=True, weight=None, reduction="mean"):
     """Weighted GIoU/L1 box distillation, loop over anchors; weights from the teacher's max class score."""
     n, a = sb.shape[:2]
+    s_rows = sb.reshape(-1, 4).unbind(0)  # unbind: cheap autograd
+    t_rows = tb.detach().reshape(-1, 4).unbind(0)
     num = sb.new_zeros(())
     den = sb.new_zeros(())
     per = []
@@ -105,9 +107,11 @@ def ref_box_kd(sb, tb, scores, giou_w=2.5, l1_w=0.0, thr=None, soft=True, weight
                     w = sb.new_zeros(())
             if weight is not None:
                 w = w * weight[i, j]
-            loss = giou_w * (1 - ref_giou_one(sb[i, j], tb[i, j].detach()))
+            s_box, t_box = s_rows[i * a + j], t_rows[i * a + j]
+            loss = giou_w * (1 - ref_giou_one(s_box, t_box))
             if l1_w:
-                loss = loss + l1_w * sum(torch.abs(sb[i, j, c] - tb[i, j, c].detach()) for c in range(4))
+                sc_, tc_ = s_box.unbind(0), t_box.unbind(0)
+                loss = loss + l1_w * sum(torch.abs(sc_[c] - tc_[c]) for c in range(4))
             per.append(w * loss)
             num = num + w * loss
             den = den + w
@@ -121,13 +125,15 @@ def ref_box_kd(sb, tb, scores, giou_w=2.5, l1_w=0.0, thr=None, soft=True, weight
 def ref_bounded(s, t, y, m=0.0, weight=None, avg_factor=None, reduction="mean"):
     """Chen et al. 2017 eq. (4), loop over rows."""
     d = s.shape[-1]
-    s2, t2, y2 = s.reshape(-1, d), t.detach().reshape(-1, d), y.reshape(-1, d)
-    w = None if weight is None else weight.reshape(-1)
+    s2 = [row.unbind(0) for row in s.reshape(-1, d).unbind(0)]  # unbind: cheap autograd
+    t2 = t.detach().reshape(-1, d).tolist()
+    y2 = y.detach().reshape(-1, d).tolist()
+    w = None if weight is None else weight.reshape(-1).unbind(0)
     rows = []
-    for r in range(s2.shape[0]):
-        es = sum((s2[r, c] - y2[r, c]) ** 2 for c in range(d))
-        et = sum((t2[r, c] - y2[r, c]) ** 2 for c in range(d))
-        v = es if es.item() + m > et.item() else es * 0.0
+    for r in range(len(s2)):
+        es = sum((s2[r][c] - y2[r][c]) ** 2 for c in range(d))
+        et = sum((t2[r][c] - y2[r][c]) ** 2 for c in range(d))
+        v = es if es.item() + m > et else es * 0.0
         if w is not None:
             v = v * w[r]
         rows.append(v)
@@ -147,13 +153,17 @@ def test_giou_hand_computed_values():
     expected = torch.tensor([1 / 7 - 2 / 9, 0 - 7 / 9, 1.0, 4 / 16], dtype=torch.float64)
     _close(giou(b1, b2), expected, rtol=1e-8)
     _close(giou(b2, b1), expected, rtol=1e-8)
+    # identical zero-area boxes: eps in union and hull (PaddleDetection) keep it finite: 0 - 0 = 0
+    pt = torch.tensor([[3.0, 3.0, 3.0, 3.0]], dtype=torch.float64)
+    assert giou(pt, pt).item() == 0.0
 
 
 def test_giou_matches_reference_values_and_gradients():
     a = _boxes((2, 300, 4), 0)
     b = _boxes((2, 300, 4), 1, jitter_of=a)
     out = giou(a, b)
-    ref = torch.stack([ref_giou_one(a[i, j], b[i, j]) for i in range(2) for j in range(300)]).reshape(2, 300)
+    pairs = zip(a.reshape(-1, 4).unbind(0), b.reshape(-1, 4).unbind(0))
+    ref = torch.stack([ref_giou_one(ai, bi) for ai, bi in pairs]).reshape(2, 300)
     _close(out, ref)
     go = _rand((2, 300), 2)
     _close(torch.autograd.grad(out, (a, b), go), torch.autograd.grad(ref, (a, b), go))
@@ -212,6 +222,10 @@ def test_ld_half_upcast_and_errors():
     out = ld_loss(s.half(), t.half())
     assert out.dtype == torch.float32
     _close(out.double(), ld_loss(s.half().double(), t.half().double()))
+    # mmdet adds float32 eps to avg_factor: all-zero weights with avg_factor 0 give 0, not NaN,
+    # and a tiny avg_factor is visibly shifted by it
+    _close(ld_loss(s, t, weight=torch.zeros(32, dtype=torch.float64), avg_factor=0.0), s.new_zeros(()))
+    _close(ld_loss(s, t, avg_factor=1e-7), ld_loss(s, t, reduction="sum") / (1e-7 + MMDET_EPS))
     with pytest.raises(ValueError):
         ld_loss(s, t, reduction="sum", avg_factor=4.0)
     with pytest.raises(ValueError):
@@ -233,7 +247,7 @@ def test_box_kd_matches_reference(kwargs):
     n, a, k = 2, 300, 20
     sb = _boxes((n, a, 4), 20)
     tb = _boxes((n, a, 4), 21, jitter_of=sb)
-    scores = _rand((n, a, k), 22)
+    scores = _rand((n, a, k), 22) ** 20  # spread the max score so thresholds 0.3 / 0.5 cut ~30% / 50%
     out = box_kd_loss(sb, tb, scores, **kwargs)
     ref = ref_box_kd(
         sb, tb, scores,
@@ -286,6 +300,11 @@ def test_box_kd_properties():
     assert zero.item() == 0.0
     g = _grad(zero, sb)
     assert torch.isfinite(g).all() and g.abs().sum() == 0
+    # threshold is inclusive: an anchor whose score equals it is kept
+    s_eq = torch.zeros(n, a, dtype=torch.float64)
+    s_eq[0, 3] = 0.4
+    _close(box_kd_loss(sb, tb, s_eq, score_threshold=0.4, reduction="sum"),
+           0.4 * 2.5 * (1 - giou(sb[0, 3], tb[0, 3])))
     # explicit avg_factor
     _close(box_kd_loss(sb, tb, scores, avg_factor=7.0), box_kd_loss(sb, tb, scores, reduction="sum") / 7.0)
     # only the student gets gradients

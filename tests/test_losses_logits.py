@@ -45,15 +45,18 @@ def ref_kd(s, t, T, reduction="batchmean", weight=None):
     s3 = s.reshape(n, k, -1)
     t3 = t.detach().reshape(n, k, -1)
     w2 = None if weight is None else weight.reshape(n, -1)
+    # rows as (n, position) pairs; unbind (not indexing) keeps the autograd graph cheap
+    s_rows = s3.permute(0, 2, 1).reshape(-1, k).unbind(0)
+    t_rows = t3.permute(0, 2, 1).reshape(-1, k).unbind(0)
+    w_rows = None if w2 is None else w2.reshape(-1).unbind(0)
     cols = []
-    for i in range(n):
-        for j in range(s3.shape[2]):
-            log_ps = _log_softmax_row(s3[i, :, j] / T)
-            log_pt = _log_softmax_row(t3[i, :, j] / T)
-            elem = torch.exp(log_pt) * (log_pt - log_ps) * T * T
-            if w2 is not None:
-                elem = elem * w2[i, j]
-            cols.append(elem)
+    for r in range(len(s_rows)):
+        log_ps = _log_softmax_row(s_rows[r] / T)
+        log_pt = _log_softmax_row(t_rows[r] / T)
+        elem = torch.exp(log_pt) * (log_pt - log_ps) * T * T
+        if w_rows is not None:
+            elem = elem * w_rows[r]
+        cols.append(elem)
     elems = torch.stack(cols)  # (n * P, k)
     if reduction == "none":
         return elems.reshape(n, -1, k).permute(0, 2, 1).reshape(s.shape)
@@ -73,15 +76,17 @@ def ref_sigmoid_kd(s, t, T=1.0, beta=2.0, focal=True, weight=None, avg_factor=No
     w2 = None
     if weight is not None:
         w2 = weight.reshape(-1, k) if weight.shape == s.shape else weight.reshape(-1, 1).expand(-1, k)
+    s_rows, t_rows = s2.unbind(0), t2.unbind(0)
+    w_rows = None if w2 is None else w2.unbind(0)
     rows = []
-    for r in range(s2.shape[0]):
-        p = 1.0 / (1.0 + torch.exp(-s2[r] / T))
-        q = 1.0 / (1.0 + torch.exp(-t2[r] / T))
+    for r in range(len(s_rows)):
+        p = 1.0 / (1.0 + torch.exp(-s_rows[r] / T))
+        q = 1.0 / (1.0 + torch.exp(-t_rows[r] / T))
         bce = -(q * torch.log(p) + (1.0 - q) * torch.log(1.0 - p))
         if focal:
             bce = bce * torch.abs(p - q) ** beta
-        if w2 is not None:
-            bce = bce * w2[r]
+        if w_rows is not None:
+            bce = bce * w_rows[r]
         rows.append(bce)
     elems = torch.stack(rows)
     if reduction == "none":

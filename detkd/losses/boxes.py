@@ -64,7 +64,8 @@ def giou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-10) -> Tensor:
     placement follows PaddleDetection ``GIoULoss`` (used by PP-YOLOE and its distillation):
 
         I = max(0, min(x2, x2') - max(x1, x1')) * max(0, min(y2, y2') - max(y1, y1'))
-        U = area + area' - I + eps,      C = (max(x2, x2') - min(x1, x1')) * (max(y2, y2') - min(y1, y1')) + eps
+        U = area + area' - I + eps
+        C = (max(x2, x2') - min(x1, x1')) * (max(y2, y2') - min(y1, y1')) + eps
         GIoU = I / U - (C - U) / C
 
     Args:
@@ -267,7 +268,9 @@ def box_kd_loss(
             w = w * (score >= score_threshold).to(loss.dtype)
     if weight is not None:
         if weight.shape != row_shape:
-            raise ValueError(f"box_kd_loss: weight must have shape {tuple(row_shape)}, got {tuple(weight.shape)}")
+            raise ValueError(
+                f"box_kd_loss: weight must have shape {tuple(row_shape)}, got {tuple(weight.shape)}"
+            )
         w = weight.to(loss.dtype) if w is None else w * weight.to(loss.dtype)
     if w is not None:
         loss = loss * w
@@ -292,7 +295,7 @@ def bounded_regression_loss(
     avg_factor: Optional[Number] = None,
     reduction: str = "mean",
 ) -> Tensor:
-    """Teacher-bounded regression loss: L2 to the target, only where the student is not better than the teacher.
+    """Teacher-bounded regression loss: squared error to the target where the student trails the teacher.
 
     Reference: Chen et al., "Learning Efficient Object Detection Models with Knowledge Distillation",
     NeurIPS 2017, eq. (4). Per row ``r`` (one box's regression vector):
@@ -327,7 +330,8 @@ def bounded_regression_loss(
     if not (student_reg.shape == teacher_reg.shape == target_reg.shape) or student_reg.dim() < 1:
         raise ValueError(
             f"bounded_regression_loss: student {tuple(student_reg.shape)}, teacher "
-            f"{tuple(teacher_reg.shape)} and target {tuple(target_reg.shape)} must have the same (..., D) shape"
+            f"{tuple(teacher_reg.shape)} and target {tuple(target_reg.shape)} must have the same "
+            "(..., D) shape"
         )
     _check_reduction("bounded_regression_loss", reduction, avg_factor)
     s, t, y = _upcast(student_reg, teacher_reg.detach(), target_reg.detach())

@@ -89,7 +89,9 @@ def kd_loss(
             f"{tuple(teacher_logits.shape)} logits must have the same shape"
         )
     if student_logits.dim() < 2:
-        raise ValueError(f"kd_loss: expected logits (N, K, *) with classes on dim 1, got {tuple(student_logits.shape)}")
+        raise ValueError(
+            f"kd_loss: expected logits (N, K, *) with classes on dim 1, got {tuple(student_logits.shape)}"
+        )
     if reduction not in _KD_REDUCTIONS:
         raise ValueError(f"kd_loss: reduction must be one of {_KD_REDUCTIONS}, got {reduction!r}")
     _check_temperature("kd_loss", temperature)
@@ -182,7 +184,9 @@ def sigmoid_kd_loss(
     if student_logits.dim() < 1:
         raise ValueError("sigmoid_kd_loss: expected logits with classes on the last dim")
     if reduction not in _SIGMOID_REDUCTIONS:
-        raise ValueError(f"sigmoid_kd_loss: reduction must be one of {_SIGMOID_REDUCTIONS}, got {reduction!r}")
+        raise ValueError(
+            f"sigmoid_kd_loss: reduction must be one of {_SIGMOID_REDUCTIONS}, got {reduction!r}"
+        )
     if avg_factor is not None and reduction != "mean":
         raise ValueError("sigmoid_kd_loss: avg_factor can only be used with reduction='mean'")
     _check_temperature("sigmoid_kd_loss", temperature)
