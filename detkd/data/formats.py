@@ -81,7 +81,9 @@ VOC_CLASSES: tuple[str, ...] = (
 )  # fmt: skip
 
 #: Image suffixes Ultralytics loads (``ultralytics.data.utils.IMG_FORMATS``), lower case, no dot.
-IMG_SUFFIXES = frozenset({"avif", "bmp", "dng", "heic", "heif", "jp2", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp"})
+IMG_SUFFIXES = frozenset(
+    {"avif", "bmp", "dng", "heic", "heif", "jp2", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp"}
+)
 
 IDS_FILE = "ids.json"
 
@@ -197,11 +199,12 @@ def probe_image(path: PathLike) -> ImageInfo:
     try:
         with Image.open(p) as im:
             w, h, fmt, mode = im.width, im.height, im.format or "", im.mode
+            im.verify()  # must come right after open
+        with Image.open(p) as im:
             try:
                 orientation = int(im.getexif().get(274, 1) or 1)
             except Exception:  # broken EXIF block: the pixels may still be fine
                 orientation = 1
-            im.verify()
     except UnidentifiedImageError:
         raise DataError(f"{p}: not a readable image (unknown or damaged file)") from None
     except Exception as e:  # PIL raises many types for damaged files (SyntaxError, OSError, struct.error, ...)
@@ -385,11 +388,15 @@ def read_coco(json_path: PathLike, images_dir: PathLike | None = None) -> Datase
     good = np.array([b is not None for b in raw], bool)
     for a, b in zip(anns, raw):
         if b is None:
-            issues.append(Issue("bad_label", str(p), f"annotation id {a.get('id')}: 'bbox' must be 4 numbers, got {a.get('bbox')!r}"))
+            detail = f"annotation id {a.get('id')}: 'bbox' must be 4 numbers, got {a.get('bbox')!r}; skipped"
+            issues.append(Issue("bad_label", str(p), detail))
     anns = [a for a, g in zip(anns, good) if g]
     xywh = np.array([b for b in raw if b is not None], np.float64).reshape(-1, 4)
-    a_img = np.array([a.get("image_id", -(2**62)) for a in anns], np.int64)
-    a_cat = np.array([a.get("category_id", -(2**62)) for a in anns], np.int64)
+    try:  # a missing id becomes a sentinel that matches nothing (reported below)
+        a_img = np.array([a.get("image_id", -(2**62)) for a in anns], np.int64)
+        a_cat = np.array([a.get("category_id", -(2**62)) for a in anns], np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise DataError(f"{p}: every annotation's 'image_id' and 'category_id' must be integers") from None
     a_crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], bool)
     a_diff = np.array([bool(a.get("difficult", 0)) for a in anns], bool)
 
@@ -403,11 +410,11 @@ def read_coco(json_path: PathLike, images_dir: PathLike | None = None) -> Datase
     cpos = np.minimum(np.searchsorted(cat_ids, a_cat), len(cat_ids) - 1)
     known_cat = cat_ids[cpos] == a_cat
     for j in np.flatnonzero(~known_img):
-        issues.append(Issue("orphan_annotation", str(p), f"annotation id {anns[j].get('id')}: image_id {a_img[j]} is not in 'images'"))
+        detail = f"annotation id {anns[j].get('id')}: image_id {a_img[j]} is not in 'images'; skipped"
+        issues.append(Issue("orphan_annotation", str(p), detail))
     for j in np.flatnonzero(known_img & ~known_cat):
-        issues.append(
-            Issue("unknown_class", file_names[order[pos_c[j]]], f"category_id {a_cat[j]} is not in 'categories' (annotation id {anns[j].get('id')})")
-        )
+        detail = f"category_id {a_cat[j]} is not in 'categories' (annotation id {anns[j].get('id')}); box skipped"
+        issues.append(Issue("unknown_class", file_names[order[pos_c[j]]], detail))
     keep = known_img & known_cat
     rec = order[pos_c[keep]] if len(order) else np.zeros(0, np.int64)
     xyxy = np.concatenate([xywh[keep, :2], xywh[keep, :2] + xywh[keep, 2:]], 1)
@@ -433,7 +440,8 @@ def read_coco(json_path: PathLike, images_dir: PathLike | None = None) -> Datase
 def _finish(ds: Dataset) -> Dataset:
     if ds.issues:
         kinds = sorted({i.kind for i in ds.issues})
-        log.warning("%s: %d problem(s) while reading (%s); run `detkd data validate` for details", ds.root, len(ds.issues), ", ".join(kinds))
+        msg = "%s: %d problem(s) while reading (%s); run `detkd data validate` for details"
+        log.warning(msg, ds.root, len(ds.issues), ", ".join(kinds))
     return ds
 
 
@@ -453,7 +461,8 @@ def _voc_year_dir(voc_root: Path, year: str | None) -> Path:
         return cands[0]
     if not cands:
         raise DataError(f"{voc_root}: not a VOC folder (no Annotations/ here or in a VOC20xx/ subfolder)")
-    raise DataError(f"{voc_root} holds several VOC years ({', '.join(c.name for c in cands)}); pass year='{cands[0].name}'")
+    years = ", ".join(c.name for c in cands)
+    raise DataError(f"{voc_root} holds several VOC years ({years}); pass year='{cands[0].name}'")
 
 
 def _parse_voc_xml(xml_path: Path):
@@ -502,7 +511,8 @@ def read_voc(
         lst = d / "ImageSets" / "Main" / f"{split}.txt"
         if not lst.is_file():
             have = sorted(x.stem for x in (d / "ImageSets" / "Main").glob("*.txt") if "_" not in x.stem)
-            raise DataError(f"VOC split list not found: {lst}; available: {', '.join(have) or 'none'} (or split=None for all xmls)")
+            have_s = ", ".join(have) or "none"
+            raise DataError(f"VOC split list not found: {lst}; available: {have_s} (or split=None for all xmls)")
         stems = [ln.split()[0] for ln in lst.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not stems:
         raise DataError(f"{d}: the {split or 'Annotations'} list is empty")
@@ -512,8 +522,9 @@ def read_voc(
     for s in stems:
         xml = d / "Annotations" / f"{s}.xml"
         if not xml.is_file():
-            issues.append(Issue("missing_label", str(xml), f"no annotation file for image id {s}; image kept as background"))
-            parsed.append((f"{s}.jpg", 0, 0, [], None))
+            detail = f"no annotation file for image id {s}; image kept as background"
+            issues.append(Issue("missing_label", str(xml), detail))
+            parsed.append((f"{s}.jpg", 0, 0, [], str(xml)))
             continue
         try:
             fn, w, h, objs = _parse_voc_xml(xml)
@@ -596,8 +607,8 @@ def _yolo_image_files(entry, root: Path, yaml_path: Path, split: str) -> list[st
                 q = Path(ln)
                 if ln.startswith("./"):  # relative to the list file (Ultralytics)
                     q = x.parent / ln[2:]
-                elif not q.is_absolute() and not q.exists():  # Ultralytics: relative to the cwd; detkd also tries the list's folder
-                    q = x.parent / ln
+                elif not q.is_absolute() and not q.exists():
+                    q = x.parent / ln  # Ultralytics: relative to the cwd only; detkd also tries the list's folder
                 files.append(str(q))
         elif x.is_file():
             files.append(str(x))
@@ -626,7 +637,8 @@ def _parse_yolo_label(lbl: Path) -> tuple[np.ndarray, list[Issue]]:
             try:
                 v = np.array(t, np.float64)
             except ValueError:
-                issues.append(Issue("bad_label", str(lbl), f"line {no}: not numbers ({' '.join(t)[:60]}); line skipped"))
+                detail = f"line {no}: not numbers ({' '.join(t)[:60]}); line skipped"
+                issues.append(Issue("bad_label", str(lbl), detail))
                 continue
             if len(v) == 5:
                 out.append(v)
@@ -635,7 +647,8 @@ def _parse_yolo_label(lbl: Path) -> tuple[np.ndarray, list[Issue]]:
                 lo, hi = xy.min(0), xy.max(0)
                 out.append(np.array([v[0], *(lo + hi) / 2, *(hi - lo)]))
             else:
-                issues.append(Issue("bad_label", str(lbl), f"line {no}: expected 5 numbers (class xc yc w h), got {len(v)}; line skipped"))
+                detail = f"line {no}: expected 5 numbers (class xc yc w h), got {len(v)}; line skipped"
+                issues.append(Issue("bad_label", str(lbl), detail))
         rows = np.array(out, np.float64).reshape(-1, 5)
     frac = rows[:, 0] != np.round(rows[:, 0])
     for c in rows[frac, 0][:5]:
@@ -649,9 +662,10 @@ def read_yolo(data_yaml: PathLike, split: str = "val") -> Dataset:
     """Read an Ultralytics YOLO detection dataset split (see the module docstring for the layout).
 
     Image sizes come from header reads (EXIF rotation applied, as Ultralytics does); an unreadable image gets
-    size 0x0 and no boxes (the validator reports it). A missing label file means a background image, as in
-    Ultralytics, and is recorded as ``missing_label``. Class ids are kept as written (the validator skips
-    out-of-range ones); coordinates are kept even outside [0, 1] (the validator clips them).
+    size 0x0 and its boxes collapse to zeros (the validator skips it with its boxes and says so). A missing label
+    file means a background image, as in Ultralytics, and is recorded as ``missing_label``. Class ids are kept as
+    written (the validator skips out-of-range ones); coordinates are kept even outside [0, 1] (the validator
+    clips them; Ultralytics would drop the whole image).
     """
     yp = Path(data_yaml).resolve()
     d = _load_yaml(yp)
@@ -664,7 +678,8 @@ def read_yolo(data_yaml: PathLike, split: str = "val") -> Dataset:
     root = _yolo_root(d, yp)
     files = _yolo_image_files(d[split], root, yp, split)
     if not files:
-        raise DataError(f"{yp}: no images found for '{split}: {d[split]}' (looked for {', '.join(sorted(IMG_SUFFIXES))})")
+        sfx = ", ".join(sorted(IMG_SUFFIXES))
+        raise DataError(f"{yp}: no images found for '{split}: {d[split]}' (looked for {sfx})")
 
     known: dict[str, int] = {}
     idf = root / IDS_FILE
@@ -672,7 +687,8 @@ def read_yolo(data_yaml: PathLike, split: str = "val") -> Dataset:
         try:
             known = {str(k): int(v) for k, v in json.loads(idf.read_text(encoding="utf-8")).items()}
         except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
-            raise DataError(f"{idf}: expected a JSON object {{relative image path: integer id}}; fix or delete it") from None
+            msg = f"{idf}: expected a JSON object {{relative image path: integer id}}; fix or delete it"
+            raise DataError(msg) from None
 
     def key(f: str) -> str:
         try:
@@ -691,13 +707,16 @@ def read_yolo(data_yaml: PathLike, split: str = "val") -> Dataset:
         except DataError:
             w = h = 0
         if not lbl.is_file():
-            issues.append(Issue("missing_label", str(lbl), f"no label file for {Path(f).name}; image kept as background"))
+            detail = f"no label file for {Path(f).name}; image kept as background"
+            issues.append(Issue("missing_label", str(lbl), detail))
             rows = np.zeros((0, 5))
         else:
-            rows, bad = _parse_yolo_label(lbl)
+            try:
+                rows, bad = _parse_yolo_label(lbl)
+            except (OSError, UnicodeDecodeError) as e:  # labels unknown: not a background image either
+                issues.append(Issue("bad_label", str(lbl), f"unreadable label file ({e}); image skipped"))
+                continue
             issues += bad
-            if w == 0:
-                rows = rows[:0]  # size unknown: boxes cannot be placed; the image is reported unreadable
         scale = np.array([w, h, w, h], np.float64)
         xc, yc, bw, bh = rows[:, 1:].T
         xyxy = np.stack([xc - bw / 2, yc - bh / 2, xc + bw / 2, yc + bh / 2], 1) * scale
@@ -797,7 +816,8 @@ def _check_writable(ds: Dataset) -> None:
         raise DataError("the dataset has no images; nothing to write")
     bad = [r.file for r in ds.images if r.width <= 0 or r.height <= 0]
     if bad:
-        raise DataError(f"{len(bad)} image(s) without a known size, e.g. {bad[0]}; run validate_dataset(fix=True) first")
+        msg = f"{len(bad)} image(s) without a known size, e.g. {bad[0]}; run validate_dataset(fix=True) first"
+        raise DataError(msg)
     ids = np.array([r.id for r in ds.images])
     if len(np.unique(ids)) != len(ids):
         raise DataError("image ids repeat; run `detkd data validate` to see which")
@@ -822,7 +842,9 @@ def write_yolo(
     Boxes are written as they are; run the validator first (it clips boxes to the image, as Ultralytics
     rejects a whole image with a coordinate above 1.01). Crowd boxes are left out unless ``include_crowd``, as
     in Ultralytics' ``convert_coco``; YOLO has no ``difficult`` flag, so difficult boxes are written as
-    ordinary boxes. Returns ``{'data_yaml', 'images', 'boxes', 'crowd_skipped'}``.
+    ordinary boxes. Images already in ``images/<split>`` that are not part of ``dataset`` are left alone and
+    counted (``stale_images``, with a logged warning). Returns ``{'data_yaml', 'images', 'boxes', 'crowd_skipped',
+    'stale_images'}``.
     """
     if link not in ("hardlink", "copy", "symlink"):
         raise DataError(f"link={link!r}: use 'hardlink', 'copy' or 'symlink'")
@@ -831,7 +853,8 @@ def write_yolo(
     yml = out / "data.yaml"
     meta = _load_yaml(yml) if yml.is_file() else {}
     if meta and _names_from_yaml(meta, yml) != list(dataset.names):
-        raise DataError(f"{yml} already lists other class names ({_names_from_yaml(meta, yml)}); write to a new folder")
+        other = _names_from_yaml(meta, yml)
+        raise DataError(f"{yml} already lists other class names ({other}); write to a new folder")
 
     rel = _relative_paths([r.file for r in dataset.images])
     n = np.array([len(r) for r in dataset.images])
@@ -855,6 +878,15 @@ def write_yolo(
                 np.savetxt(f, np.column_stack([c, xy]), fmt=["%d"] + ["%.8g"] * 4)
         ids[img_dst.relative_to(out).as_posix()] = r.id
 
+    split_dir = out / "images" / split
+    stale = sorted(
+        q for q in glob.glob(str(split_dir / "**" / "*.*"), recursive=True)
+        if _is_image_name(q) and Path(q).relative_to(out).as_posix() not in ids
+    )  # fmt: skip
+    if stale:  # Ultralytics would train on them too; detkd never deletes files it did not write
+        log.warning("%s: %d image(s) not in this dataset, e.g. %s; delete them or write to a new folder",
+                    split_dir, len(stale), stale[0])  # fmt: skip
+
     idf = out / IDS_FILE
     old = json.loads(idf.read_text(encoding="utf-8")) if idf.is_file() else {}
     old = {k: v for k, v in old.items() if not k.startswith(f"images/{split}/")}
@@ -869,7 +901,13 @@ def write_yolo(
     meta.pop("nc", None)
     header = "# Ultralytics YOLO data file written by detkd (paths relative to this file's folder)\n"
     yml.write_text(header + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    return {"data_yaml": str(yml), "images": len(ids), "boxes": int(keep.sum()), "crowd_skipped": int((~keep).sum())}
+    return {
+        "data_yaml": str(yml),
+        "images": len(ids),
+        "boxes": int(keep.sum()),
+        "crowd_skipped": int((~keep).sum()),
+        "stale_images": len(stale),
+    }
 
 
 def write_coco(dataset: Dataset, json_path: PathLike, images_dir: PathLike | None = None) -> dict:
@@ -896,11 +934,9 @@ def write_coco(dataset: Dataset, json_path: PathLike, images_dir: PathLike | Non
     crowd = np.concatenate([r.iscrowd for r in dataset.images]).astype(int)
     diff = np.concatenate([r.difficult for r in dataset.images]).astype(int)
     area = xywh[:, 2] * xywh[:, 3]
-    cols = zip(range(1, len(cat) + 1), img_id.tolist(), cat.tolist(), xywh.tolist(), area.tolist(), crowd.tolist(), diff.tolist())
-    anns = [
-        {"id": i, "image_id": im, "category_id": c, "bbox": b, "area": a, "iscrowd": cr, "difficult": d}
-        for i, im, c, b, a, cr, d in cols
-    ]
+    keys = ("image_id", "category_id", "bbox", "area", "iscrowd", "difficult")
+    cols = (img_id, cat, xywh, area, crowd, diff)
+    anns = [{"id": i, **dict(zip(keys, row))} for i, row in enumerate(zip(*(c.tolist() for c in cols)), 1)]
     cats = [{"id": i + 1, "name": n_, "supercategory": ""} for i, n_ in enumerate(dataset.names)]
     out = {"info": {"description": "written by detkd"}, "images": images, "annotations": anns, "categories": cats}
     jp.parent.mkdir(parents=True, exist_ok=True)
