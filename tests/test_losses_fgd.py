@@ -305,3 +305,43 @@ def test_half_precision_input_computed_in_float32():
     out = mod(s.bfloat16(), t.bfloat16(), boxes, IMG)
     assert out.dtype == torch.float32
     assert torch.allclose(out, mod(s.bfloat16().float(), t.bfloat16().float(), boxes, IMG), rtol=1e-5)
+
+
+def test_workspace_reuse_two_forwards_then_one_backward():
+    """The cached CPU scratch tensor is shared by calls; results must not depend on call order."""
+    n = 2
+    mod, ref = build_pair(16, 16, 9)
+    torch.manual_seed(9)
+    s_a, s_b = (torch.randn(n, 16, 20, 20, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    t_a, t_b = torch.randn(n, 16, 20, 20, dtype=torch.float64), torch.randn(n, 16, 20, 20, dtype=torch.float64)
+    boxes = make_boxes(n, 9, with_empty=False)
+    (mod(s_a, t_a, boxes, IMG) + 3 * mod(s_b, t_b, boxes, IMG)).backward()
+    assert mod._work is not None and mod._work.shape == (n, 16, 400)
+
+    r_a, r_b = (x.detach().clone().requires_grad_(True) for x in (s_a, s_b))
+    (ref(r_a, t_a, boxes, [IMG] * n)[0] + 3 * ref(r_b, t_b, boxes, [IMG] * n)[0]).backward()
+    rel_close(s_a.grad, r_a.grad, what="first call")
+    rel_close(s_b.grad, r_b.grad, what="second call")
+
+    # without the workspace: same numbers
+    mod.cache_workspace = False
+    mod._work = None
+    s_c = s_a.detach().clone().requires_grad_(True)
+    mod(s_c, t_a, boxes, IMG).backward()
+    assert mod._work is None
+    r_c = s_a.detach().clone().requires_grad_(True)
+    ref(r_c, t_a, boxes, [IMG] * n)[0].backward()
+    rel_close(s_c.grad, r_c.grad, what="no workspace")
+
+
+def test_no_grad_call_and_weighted_sum_of_parts():
+    mod, _ = build_pair(16, 16, 10)
+    s = torch.randn(2, 16, 10, 10, dtype=torch.float64)
+    t = torch.randn(2, 16, 10, 10, dtype=torch.float64)
+    with torch.no_grad():
+        loss, parts = mod(s, t, make_boxes(2, 10), IMG, return_parts=True)
+    expect = (
+        mod.alpha_fgd * parts["fg"] + mod.beta_fgd * parts["bg"] + mod.gamma_fgd * parts["mask"]
+        + mod.lambda_fgd * parts["rela"]
+    )
+    rel_close(loss, expect, tol=1e-12)

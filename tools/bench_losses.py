@@ -12,6 +12,7 @@ comparison; it exists only in this script. Losses whose module fails to import a
 'unavailable'.
 
     python tools/bench_losses.py --threads 2 --runs 20
+    python tools/bench_losses.py --only FGDLoss,"FGD naive loop" --runs 5
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import statistics
 import sys
 import time
@@ -107,7 +109,10 @@ def stats(times: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[max(0, math.ceil(0.9 * len(ordered)) - 1)]
 
 
-def time_case(fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor], runs: int, warmup: int, backward: bool):
+def time_case(
+    fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor], runs: int, warmup: int, backward: bool
+) -> tuple[float, float]:
+    """Median and p90 seconds of ``fn()`` (and ``.backward()`` when ``backward``)."""
     times = []
     for i in range(warmup + runs):
         for p in leaves:
@@ -148,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {n}, anchors {a}, classes {k}, "
         f"C {c}, levels {levels}, boxes/img {args.boxes}, runs {args.runs} (+{args.warmup} warmup)"
     )
+    # CPU timings of large-tensor code depend on the allocator: with the default one every new
+    # full-size tensor is page-faulted in; THP_MEM_ALLOC_ENABLE=1 (PyTorch) backs them with huge pages.
+    print(f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '(unset)')}")
 
     cases: list[tuple[str, object, list[torch.Tensor]]] = []  # (name, fn or exception, grad leaves)
 
@@ -162,55 +170,45 @@ def main(argv: list[str] | None = None) -> int:
     MGDLoss = _load("detkd.losses.mgd", "MGDLoss")
     FGDLoss = _load("detkd.losses.fgd", "FGDLoss")
 
+    def add(name: str, loss_fn, call: Callable[[], Callable[[], torch.Tensor]], leaves: list[torch.Tensor]):
+        """Register a case; ``loss_fn`` is the imported object or the import error."""
+        cases.append((name, loss_fn if isinstance(loss_fn, Exception) else call(), leaves))
+
     logit_s = torch.randn(n, a, k, requires_grad=True)
     logit_t = torch.randn(n, a, k)
-    cases.append(("kd_loss", kd_loss if isinstance(kd_loss, Exception) else (lambda: kd_loss(logit_s, logit_t)), [logit_s]))
-    cases.append((
-        "sigmoid_kd_loss",
-        sigmoid_kd_loss if isinstance(sigmoid_kd_loss, Exception) else (lambda: sigmoid_kd_loss(logit_s, logit_t)),
-        [logit_s],
-    ))
+    # kd_loss takes classes on dim 1: detkd's anchors-first (N, A, K) tensors are passed transposed.
+    add("kd_loss", kd_loss, lambda: lambda: kd_loss(logit_s.mT, logit_t.mT), [logit_s])
+    add("sigmoid_kd_loss", sigmoid_kd_loss, lambda: lambda: sigmoid_kd_loss(logit_s, logit_t), [logit_s])
 
     bins_s = torch.randn(n * a * 4, 16, requires_grad=True)
     bins_t = torch.randn(n * a * 4, 16)
-    cases.append(("ld_loss", ld_loss if isinstance(ld_loss, Exception) else (lambda: ld_loss(bins_s, bins_t)), [bins_s]))
+    add("ld_loss", ld_loss, lambda: lambda: ld_loss(bins_s, bins_t), [bins_s])
 
     xy = torch.rand(n, a, 2, generator=gen) * img
     wh = 2 + torch.rand(n, a, 2, generator=gen) * img / 4
     box_t = torch.cat([xy, xy + wh], -1)
     box_s = (box_t + torch.randn(n, a, 4, generator=gen) * 3).requires_grad_(True)
-    scores_t = torch.rand(n, a, k, generator=gen)
-    if isinstance(box_kd_loss, Exception):
-        cases.append(("box_kd_loss", box_kd_loss, [box_s]))
-    else:
-        box_fn: object = None
-        for sc in (scores_t, scores_t.amax(-1)):  # (N, A, K) class scores, else (N, A)
-            try:
-                box_kd_loss(box_s[:1, :10], box_t[:1, :10], sc[:1, :10])
-                box_fn = (lambda sc=sc: box_kd_loss(box_s, box_t, sc))
-                break
-            except Exception as exc:  # noqa: BLE001
-                box_fn = exc
-        cases.append(("box_kd_loss", box_fn, [box_s]))
+    scores_t = torch.rand(n, a, k, generator=gen)  # (N, A, K) class probabilities
+    add("box_kd_loss", box_kd_loss, lambda: lambda: box_kd_loss(box_s, box_t, scores_t), [box_s])
 
     feat_s = [torch.randn(n, c, h, h, requires_grad=True) for h in levels]
     feat_t = [torch.randn(n, c, h, h) for h in levels]
 
     def per_level(fn):
-        return lambda: sum(fn(s, t) for s, t in zip(feat_s, feat_t))
+        return lambda: lambda: sum(fn(s, t) for s, t in zip(feat_s, feat_t))
 
-    for name, fn in (("fitnet_loss", fitnet_loss), ("cwd_loss", cwd_loss), ("pkd_loss", pkd_loss), ("at_loss", at_loss)):
-        cases.append((name, fn if isinstance(fn, Exception) else per_level(fn), list(feat_s)))
+    for name, fn in (("fitnet_loss", fitnet_loss), ("cwd_loss", cwd_loss), ("pkd_loss", pkd_loss)):
+        add(name, fn, per_level(fn), list(feat_s))
+    add("at_loss", at_loss, per_level(at_loss), list(feat_s))
 
     if isinstance(MGDLoss, Exception):
-        cases.append(("MGDLoss", MGDLoss, []))
+        add("MGDLoss", MGDLoss, lambda: None, [])
     else:
         mgd = torch.nn.ModuleList([MGDLoss(c, c) for _ in levels])
-        cases.append((
-            "MGDLoss",
-            lambda: sum(m(s, t) for m, s, t in zip(mgd, feat_s, feat_t)),
+        add(
+            "MGDLoss", MGDLoss, lambda: lambda: sum(m(s, t) for m, s, t in zip(mgd, feat_s, feat_t)),
             list(feat_s) + list(mgd.parameters()),
-        ))
+        )
 
     gt = random_boxes(n, args.boxes, img, gen)
     if isinstance(FGDLoss, Exception):
@@ -224,10 +222,13 @@ def main(argv: list[str] | None = None) -> int:
                     blk[-1].weight.normal_(0, 0.01)
         leaves = list(feat_s) + list(fgd.parameters())
         fused = lambda: sum(m(s, t, gt, (img, img)) for m, s, t in zip(fgd, feat_s, feat_t))  # noqa: E731
-        naive = lambda: sum(naive_fgd(m, s, t, gt, (img, img)) for m, s, t in zip(fgd, feat_s, feat_t))  # noqa: E731
+        naive = lambda: sum(  # noqa: E731
+            naive_fgd(m, s, t, gt, (img, img)) for m, s, t in zip(fgd, feat_s, feat_t)
+        )
         with torch.no_grad():
             v_fused, v_naive = fused().item(), naive().item()
-        print(f"FGD check: fused {v_fused:.6g}, naive {v_naive:.6g}, rel diff {abs(v_fused - v_naive) / abs(v_naive):.2e}")
+        rel = abs(v_fused - v_naive) / abs(v_naive)
+        print(f"FGD check: fused {v_fused:.6g}, naive {v_naive:.6g}, rel diff {rel:.2e}")
         cases.append(("FGDLoss", fused, leaves))
         cases.append(("FGD naive loop", naive, leaves))
 
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         if only and name not in only:
             continue
         if isinstance(fn, Exception) or fn is None:
-            print(f"{name:<16} unavailable ({type(fn).__name__}: {str(fn).splitlines()[0][:70] if str(fn) else ''})")
+            why = str(fn).splitlines()[0][:70] if str(fn) else ""
+            print(f"{name:<16} unavailable ({type(fn).__name__}: {why})")
             continue
         try:
             f_med, f_p90 = time_case(fn, leaves, args.runs, args.warmup, backward=False)
@@ -249,11 +251,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<16} failed ({type(exc).__name__}: {str(exc).splitlines()[0][:70]})")
             continue
         results[name] = (f_med, b_med)
-        print(f"{name:<16} {f_med * 1e3:9.1f} {f_p90 * 1e3:9.1f} {b_med * 1e3:9.1f} {b_p90 * 1e3:9.1f}", flush=True)
+        ms = [x * 1e3 for x in (f_med, f_p90, b_med, b_p90)]
+        print(f"{name:<16} {ms[0]:9.1f} {ms[1]:9.1f} {ms[2]:9.1f} {ms[3]:9.1f}", flush=True)
 
     if "FGDLoss" in results and "FGD naive loop" in results:
         (ff, fb), (nf, nb) = results["FGDLoss"], results["FGD naive loop"]
-        print(f"FGD speed-up over the naive loop version: forward {nf / ff:.1f}x, forward+backward {nb / fb:.1f}x")
+        print(f"FGD speed-up over the naive loop version: forward {nf / ff:.1f}x, "
+              f"forward+backward {nb / fb:.1f}x")
     return 0
 
 

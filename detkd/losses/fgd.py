@@ -70,10 +70,11 @@ def fgd_masks(
     foreground). Note that ``area`` counts the extra row/column the inclusive rule adds even when it lies
     past the map border (``hmax == h``), exactly as the reference does.
 
-    The scaled coordinates are computed in ``gt_boxes``' dtype with the reference's operation order
-    (divide, then multiply), so floor/ceil agree bit for bit. Boxes are first clamped to the image
-    (``0 <= x <= W_img``, ``0 <= y <= H_img``); for boxes inside the image this changes nothing. (For
-    boxes outside it, the reference's Python slicing with negative indices gives meaningless masks.)
+    The scaled coordinates are computed in ``gt_boxes``' dtype (float32 at least) with the reference's
+    operation order (divide, then multiply), so floor/ceil agree with it bit for bit. Boxes are first
+    clamped to the image (``0 <= x <= W_img``, ``0 <= y <= H_img``); for boxes inside the image this
+    changes nothing. (For boxes outside it, the reference's Python slicing with negative indices gives
+    meaningless masks.) Memory: one ``(N, M, h, w)`` temporary in ``dtype``.
 
     Args:
         gt_boxes: ``(N, M, 4)`` ``xyxy`` boxes in input-image pixels.
@@ -81,7 +82,7 @@ def fgd_masks(
         img_shape: ``(H_img, W_img)`` of the network input, or an ``(N, 2)`` tensor of per-image shapes
             (what mmdet's ``img_metas[i]['img_shape'][:2]`` gives the reference).
         feat_hw: ``(h, w)`` of the feature map.
-        dtype: dtype of the returned masks; default ``gt_boxes.dtype`` (float32 if not floating).
+        dtype: dtype of the returned masks; default that of the coordinates (see above).
 
     Returns:
         ``mask_fg (N, h, w)``, ``mask_bg (N, h, w)``.
@@ -89,7 +90,9 @@ def fgd_masks(
     h, w = int(feat_hw[0]), int(feat_hw[1])
     n, m = gt_boxes.shape[0], gt_boxes.shape[1]
     device = gt_boxes.device
-    box_dtype = gt_boxes.dtype if gt_boxes.is_floating_point() else torch.float32
+    box_dtype = torch.float32
+    if gt_boxes.is_floating_point():
+        box_dtype = torch.promote_types(gt_boxes.dtype, torch.float32)
     out_dtype = dtype if dtype is not None else box_dtype
     boxes = gt_boxes.to(box_dtype)
     img_h, img_w = _img_hw(img_shape, n, device, box_dtype)  # (N, 1) each
@@ -103,7 +106,10 @@ def fgd_masks(
     hmin = torch.floor(y1 / img_h * h).long()
     hmax = torch.ceil(y2 / img_h * h).long()
 
-    valid = torch.ones(n, m, dtype=torch.bool, device=device) if gt_valid is None else gt_valid.to(device).bool()
+    if gt_valid is None:
+        valid = torch.ones(n, m, dtype=torch.bool, device=device)
+    else:
+        valid = gt_valid.to(device=device, dtype=torch.bool)
     n_rows, n_cols = hmax + 1 - hmin, wmax + 1 - wmin
     valid = valid & (n_rows > 0) & (n_cols > 0)
     # 1 / rows / cols, two divisions in out_dtype as the reference (bit-equal to it in float32)
@@ -134,11 +140,109 @@ def _context_block(channels: int) -> nn.Sequential:
     )
 
 
+def _abs_sums(x: Tensor, work: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``x (N, C, HW)`` -> ``sum_c |x| (N, HW)``, ``sum_hw |x| (N, C)``; ``|x|`` goes into ``work`` if given.
+
+    Both sums are batched row-vector x matrix products, which on CPU read memory faster than ``sum``.
+    (All batched matmuls here put the narrow ``(N, k, HW)`` operand first and the feature, or its
+    transpose, second: the other orientations are 3-6x slower on CPU.)
+    """
+    n, c, hw = x.shape
+    a = torch.abs(x, out=work) if work is not None else x.abs()
+    sp = torch.bmm(a.new_ones(1, 1, c).expand(n, 1, c), a).reshape(n, hw)
+    ch = torch.bmm(a.new_ones(1, 1, hw).expand(n, 1, hw), a.transpose(1, 2)).reshape(n, c)
+    return sp, ch
+
+
+def _context_and_sum(x: Tensor, wm: Tensor, bm: Tensor | None) -> tuple[Tensor, Tensor]:
+    """GcBlock context and plain sum over positions, ``x (N, C, HW)`` -> ``(N, C)``, ``(N, C)``.
+
+    ``context[n] = sum_hw x[n, :, hw] * softmax_hw(wm . x[n, :, hw] + bm)`` (``conv_mask`` as a dot
+    product); both outputs come from one batched matmul. Autograd version, used for the teacher.
+    """
+    n, c, hw = x.shape
+    logits = torch.bmm(wm.reshape(1, 1, c).expand(n, 1, c), x).reshape(n, hw)
+    if bm is not None:
+        logits = logits + bm
+    p = F.softmax(logits, dim=1)
+    out = torch.bmm(torch.stack([p, torch.ones_like(p)], dim=1), x.transpose(1, 2))  # (N, 2, C)
+    return out[:, 0], out[:, 1]
+
+
+class _StudentPass(torch.autograd.Function):
+    """Every full-size reduction of the student feature in one autograd node.
+
+    Inputs: ``s, t (N, C, HW)`` (``t`` gets no gradient), ``weights (N, K, HW)`` (no gradient),
+    ``wm (C,)`` and ``bm (1,)`` or None: the student ``conv_mask`` weight and bias; ``work``: None or a
+    scratch tensor shaped like ``s`` (overwritten). Outputs::
+
+        q[n, k, c]    = sum_hw (s - t)^2 * weights[n, k, hw]                (N, K, C)
+        abs_sp[n, hw] = sum_c |s|,   abs_ch[n, c] = sum_hw |s|              (N, HW), (N, C)
+        ctx[n, c]     = sum_hw s * p[n, hw],  p = softmax_hw(wm . s + bm)   (N, C)
+        sum_s[n, c]   = sum_hw s                                            (N, C)
+
+    The gradient w.r.t. ``s`` is assembled in place in one new tensor::
+
+        grad_s = 2 (s - t) * (g_q^T @ weights) + sgn(s) * (g_sp + g_ch)
+                 + g_ctx (x) p + g_sum (x) 1 + wm (x) g_logits
+
+    With a scratch tensor, forward+backward allocates one full-size tensor (the gradient); autograd on
+    the plain expression allocates about a dozen, and on CPU a fresh full-size tensor costs several times
+    the arithmetic done in it (page faults). Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, s: Tensor, t: Tensor, weights: Tensor, wm: Tensor, bm: Tensor | None, work: Tensor | None
+    ):
+        n, c, hw = s.shape
+        d2 = torch.sub(s, t, out=work) if work is not None else torch.sub(s, t)
+        d2.square_()
+        q = torch.bmm(weights, d2.transpose(1, 2))  # (N, K, C)
+        del d2
+        abs_sp, abs_ch = _abs_sums(s, work)
+        logits = torch.bmm(wm.reshape(1, 1, c).expand(n, 1, c), s).reshape(n, hw)
+        if bm is not None:
+            logits = logits + bm
+        p = F.softmax(logits, dim=1)
+        out = torch.bmm(torch.stack([p, torch.ones_like(p)], dim=1), s.transpose(1, 2))  # (N, 2, C)
+        ctx.save_for_backward(s, t, weights, wm, p)
+        ctx.has_bias = bm is not None
+        ctx.work = work
+        return q, abs_sp, abs_ch, out[:, 0], out[:, 1]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_q, g_sp, g_ch, g_ctx, g_sum):
+        s, t, weights, wm, p = ctx.saved_tensors
+        work = ctx.work
+        n, c, hw = s.shape
+        # context: d ctx / d p, then through the softmax to the conv_mask logits
+        g_p = torch.bmm(g_ctx.unsqueeze(1), s).reshape(n, hw)
+        g_logits = p * (g_p - (p * g_p).sum(dim=1, keepdim=True))
+        grad_wm = grad_bm = grad_s = None
+        if ctx.needs_input_grad[3]:
+            grad_wm = torch.bmm(g_logits.unsqueeze(1), s.transpose(1, 2)).sum(dim=0).reshape(c)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            grad_bm = g_logits.sum().reshape(1)
+        if ctx.needs_input_grad[0]:
+            grad_s = torch.bmm(2 * g_q.transpose(1, 2), weights)  # the one new full-size tensor
+            buf = torch.sub(s, t, out=work) if work is not None else torch.sub(s, t)
+            grad_s.mul_(buf)
+            torch.sgn(s, out=buf)
+            grad_s.addcmul_(buf, g_sp.unsqueeze(1))
+            grad_s.addcmul_(buf, g_ch.unsqueeze(2))
+            del buf
+            rank3_g = torch.stack([g_ctx, g_sum, wm.expand(n, c)], dim=2)  # (N, C, 3)
+            rank3_w = torch.stack([p, torch.ones_like(p), g_logits], dim=1)  # (N, 3, HW)
+            grad_s.baddbmm_(rank3_g, rank3_w)
+        return grad_s, None, None, grad_wm, grad_bm, None
+
+
 def _context_add(block: nn.Sequential, ctx: Tensor) -> Tensor:
     """``block`` (1x1 conv, LayerNorm([C/2, 1, 1]), ReLU, 1x1 conv) applied to ``ctx (N, C)`` as linear maps.
 
-    Same numbers as ``block(ctx[..., None, None])``; on CPU, PyTorch's 1x1 convolution of a ``1 x 1`` map
-    costs tens of milliseconds (oneDNN), ``F.linear`` microseconds.
+    Same numbers as ``block(ctx[..., None, None])``, without the convolution machinery for 1 x 1 maps.
     """
     conv1, norm, _, conv2 = block
     y = F.linear(ctx, conv1.weight.flatten(1), conv1.bias)
@@ -147,7 +251,7 @@ def _context_add(block: nn.Sequential, ctx: Tensor) -> Tensor:
 
 
 def _conv1x1(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """1x1 convolution as one batched matmul (same numbers as ``conv(x)``, faster backward on CPU)."""
+    """1x1 convolution as one batched matmul (same numbers as ``conv(x)``)."""
     n, c, h, w = x.shape
     out = torch.matmul(conv.weight.flatten(1), x.reshape(n, c, h * w))
     if conv.bias is not None:
@@ -172,11 +276,21 @@ class FGDLoss(nn.Module):
         loss = alpha_fgd * fg + beta_fgd * bg + gamma_fgd * mask + lambda_fgd * rela
 
     ``^T`` / ``^S``: attention of the teacher / student feature. Both fg and bg use the *teacher's*
-    attention for both features, as the reference does. The masks are :func:`fgd_masks`. The reference
-    multiplies each feature by ``sqrt(A_c^T A_s^T Mask)`` before an MSE; here the same sum is formed as
-    ``(S - T)^2`` reduced against the weights with one batched matmul, and the relation term reuses that
-    pass through ``sum (D + a)^2 = sum D^2 + 2 a sum D + HW a^2`` (``a = add_s - add_t`` is per channel),
-    which avoids the reference's full-size temporaries. Equal to the reference to rounding.
+    attention for both features, as the reference does. The masks are :func:`fgd_masks`. Gradients reach
+    the student feature, ``align``, ``conv_mask_s``, ``channel_add_conv_s`` and, through the relation
+    term, ``conv_mask_t`` and ``channel_add_conv_t`` (as in the reference); never the teacher feature.
+
+    Implementation. The reference multiplies each feature by ``sqrt(A_c^T A_s^T Mask)`` and runs separate
+    fg / bg / relation MSEs; here ``D = S - T`` is squared once and reduced against the rows
+    ``[A_s^T Mask_fg, A_s^T Mask_bg, 1]`` with one batched matmul, and the relation term uses
+    ``sum_hw (D + a)^2 = sum_hw D^2 + 2 a sum_hw D + HW a^2`` (``a = add_s - add_t`` is per channel).
+    The student's full-size work (that pass, its attention sums, its GcBlock context) is one autograd
+    node whose backward builds the gradient in place in a single new tensor. On CPU a scratch tensor of
+    the feature's size is kept in the module between calls (``cache_workspace``, default True; set it to
+    False to free that memory), so a forward+backward allocates one full-size tensor instead of about a
+    dozen. The module is therefore not safe to run concurrently from several threads. Values equal the
+    reference's to rounding (float64 tests: 1e-5 relative, values and gradients). Not twice
+    differentiable.
 
     Defaults are those of the reference ``FeatureLoss`` signature (``temp=0.5, alpha=1e-3,
     beta=5e-4, gamma=1e-3, lambda=5e-6``). The authors' configs differ from it:
@@ -190,12 +304,19 @@ class FGDLoss(nn.Module):
     Parameter names (``align``, ``conv_mask_s/t``, ``channel_add_conv_s/t``) and initialisation (Kaiming
     normal, fan-in, for ``conv_mask_*``; zeros for the last conv of ``channel_add_conv_*``; PyTorch
     defaults elsewhere) are the reference's, so its state dicts load directly. One module per FPN level,
-    as in the reference.
+    as in the reference (its ``name`` argument is not needed here).
+
+    Args:
+        student_channels: ``Cs``; teacher_channels: ``Ct`` (a 1x1 ``align`` conv is added when they differ).
+        temp: attention temperature. alpha_fgd, beta_fgd, gamma_fgd, lambda_fgd: weights of the fg, bg,
+            attention-mask and relation terms.
 
     Shapes:
         ``preds_S (N, Cs, H, W)``, ``preds_T (N, Ct, H, W)``; ``gt_boxes`` a list of ``N`` ``(n_i, 4)``
         ``xyxy`` pixel tensors, or a padded ``(N, M, 4)`` tensor with ``gt_valid (N, M)`` bool;
-        ``img_shape = (H_img, W_img)`` of the network input (or ``(N, 2)`` per image). Returns a scalar;
+        ``img_shape = (H_img, W_img)`` of the network input (or ``(N, 2)`` per image; mmdet gives the
+        reference each image's unpadded ``img_shape`` while the features cover the padded batch, so pass
+        per-image shapes to reproduce mmdet runs exactly). Returns a scalar;
         the detached parts (``fg, bg, mask, rela``, unweighted) are kept in ``self.last_parts`` and are
         also returned with ``return_parts=True``. Half-precision activations are computed in float32.
     """
@@ -224,6 +345,8 @@ class FGDLoss(nn.Module):
         self.channel_add_conv_s = _context_block(teacher_channels)
         self.channel_add_conv_t = _context_block(teacher_channels)
         self.last_parts: dict[str, Tensor] = {}
+        self.cache_workspace = True
+        self._work: Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -235,23 +358,20 @@ class FGDLoss(nn.Module):
             nn.init.zeros_(block[-1].weight)
             nn.init.zeros_(block[-1].bias)
 
-    def _attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``x (N, C, H, W)`` -> spatial ``(N, H*W)`` and channel ``(N, C)`` attention (no |x| copy)."""
-        n, c, h, w = x.shape
-        spatial = torch.linalg.vector_norm(x, ord=1, dim=1).reshape(n, h * w) / c
-        channel = torch.linalg.vector_norm(x, ord=1, dim=(2, 3)) / (h * w)
-        a_s = (h * w) * F.softmax(spatial / self.temp, dim=1)
-        a_c = c * F.softmax(channel / self.temp, dim=1)
-        return a_s, a_c
+    def _workspace(self, like: Tensor) -> Tensor | None:
+        """Scratch tensor shaped like ``like``, kept between calls on CPU (None elsewhere)."""
+        if not self.cache_workspace or like.device.type != "cpu":
+            return None
+        work = self._work
+        if work is None or work.shape != like.shape or work.dtype != like.dtype:
+            self._work = work = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return work
 
-    def _context_and_sum(self, x: Tensor, conv_mask: nn.Conv2d) -> tuple[Tensor, Tensor]:
-        """GcBlock context ``(N, C)`` and ``sum_hw x`` ``(N, C)`` from one batched matmul."""
-        n, c, h, w = x.shape
-        flat = x.reshape(n, c, h * w)
-        logits = torch.einsum("c,nck->nk", conv_mask.weight.reshape(c), flat) + conv_mask.bias
-        weights = torch.stack([F.softmax(logits, dim=1), torch.ones_like(logits)], dim=2)  # (N, HW, 2)
-        out = torch.bmm(flat, weights)  # (N, C, 2)
-        return out[..., 0], out[..., 1]
+    def _attention_from_sums(self, abs_sp: Tensor, abs_ch: Tensor, c: int, hw: int) -> tuple[Tensor, Tensor]:
+        """``sum_c |x| (N, HW)``, ``sum_hw |x| (N, C)`` -> spatial ``(N, HW)`` and channel ``(N, C)``."""
+        a_s = hw * F.softmax(abs_sp / c / self.temp, dim=1)
+        a_c = c * F.softmax(abs_ch / hw / self.temp, dim=1)
+        return a_s, a_c
 
     def forward(
         self,
@@ -262,8 +382,12 @@ class FGDLoss(nn.Module):
         gt_valid: Tensor | None = None,
         return_parts: bool = False,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        if preds_S.shape[-2:] != preds_T.shape[-2:]:
-            raise ValueError(f"student {tuple(preds_S.shape)} and teacher {tuple(preds_T.shape)} differ in H, W")
+        """Loss for one level; see the class docstring. ``return_parts=True`` also returns the parts."""
+        if preds_S.dim() != 4 or preds_T.dim() != 4 or preds_S.shape[-2:] != preds_T.shape[-2:]:
+            raise ValueError(
+                f"FGDLoss: need (N, C, H, W) features with equal H, W; got {tuple(preds_S.shape)} and "
+                f"{tuple(preds_T.shape)}"
+            )
         if not torch.is_tensor(gt_boxes):
             gt_boxes, gt_valid = pad_boxes(gt_boxes)
         with torch.autocast(device_type=preds_S.device.type, enabled=False):
@@ -276,32 +400,33 @@ class FGDLoss(nn.Module):
         if self.align is not None:
             s = _conv1x1(self.align, s)
         n, c, h, w = s.shape
-        if t.shape[1] != c:
-            raise ValueError(f"aligned student has {c} channels, teacher {t.shape[1]}")
+        if t.shape[:2] != (n, c):
+            raise ValueError(f"FGDLoss: aligned student is {tuple(s.shape)}, teacher {tuple(t.shape)}")
         hw = h * w
+        s = s.reshape(n, c, hw)
+        t = t.reshape(n, c, hw)
+        work = self._workspace(s)
 
         with torch.no_grad():
-            a_s_t, a_c_t = self._attention(t)
+            a_s_t, a_c_t = self._attention_from_sums(*_abs_sums(t, work), c, hw)
             mask_fg, mask_bg = fgd_masks(gt_boxes.to(s.device), gt_valid, img_shape, (h, w), dtype=dtype)
-            # Columns: foreground weight, background weight, ones (for the relation term).
-            weights = torch.stack(
-                [a_s_t * mask_fg.reshape(n, hw), a_s_t * mask_bg.reshape(n, hw), torch.ones_like(a_s_t)], dim=2
-            )  # (N, HW, 3)
-        a_s_s, a_c_s = self._attention(s)
+            # Rows: foreground weight, background weight, ones (for the relation term).
+            fg_w, bg_w = a_s_t * mask_fg.reshape(n, hw), a_s_t * mask_bg.reshape(n, hw)
+            weights = torch.stack([fg_w, bg_w, torch.ones_like(a_s_t)], dim=1)  # (N, 3, HW)
 
-        diff = (s - t).reshape(n, c, hw)
-        sq = torch.bmm(diff * diff, weights)  # (N, C, 3): sum_hw D^2 * [wfg, wbg, 1]
-        fg = (sq[..., 0] * a_c_t).sum() / n
-        bg = (sq[..., 1] * a_c_t).sum() / n
+        sq, abs_sp, abs_ch, ctx_s, sum_s = _StudentPass.apply(
+            s, t, weights, self.conv_mask_s.weight.reshape(c), self.conv_mask_s.bias, work
+        )
+        a_s_s, a_c_s = self._attention_from_sums(abs_sp, abs_ch, c, hw)
 
+        fg = (sq[:, 0] * a_c_t).sum() / n
+        bg = (sq[:, 1] * a_c_t).sum() / n
         mask = (a_c_s - a_c_t).abs().sum() / n + (a_s_s - a_s_t).abs().sum() / n
 
-        ctx_s, sum_s = self._context_and_sum(s, self.conv_mask_s)
-        ctx_t, sum_t = self._context_and_sum(t, self.conv_mask_t)
-        add_s = _context_add(self.channel_add_conv_s, ctx_s)
-        add_t = _context_add(self.channel_add_conv_t, ctx_t)
-        a = add_s - add_t
-        rela = (sq[..., 2] + 2 * a * (sum_s - sum_t) + hw * a * a).sum() / n
+        ctx_t, sum_t = _context_and_sum(t, self.conv_mask_t.weight.reshape(c), self.conv_mask_t.bias)
+        a = _context_add(self.channel_add_conv_s, ctx_s) - _context_add(self.channel_add_conv_t, ctx_t)
+        # sum_hw (D + a)^2 = sum_hw D^2 + 2 a sum_hw D + HW a^2, per (n, c)
+        rela = (sq[:, 2] + 2 * a * (sum_s - sum_t) + hw * a * a).sum() / n
 
         loss = self.alpha_fgd * fg + self.beta_fgd * bg + self.gamma_fgd * mask + self.lambda_fgd * rela
         parts = {"fg": fg.detach(), "bg": bg.detach(), "mask": mask.detach(), "rela": rela.detach()}
