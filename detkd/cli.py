@@ -50,6 +50,55 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from detkd.train import load_train_config, train
+
+    cfg = load_train_config(args.config, args.overrides)
+    save_dir = train(cfg)
+    print(f"detkd train: done. Weights: {save_dir / 'weights' / 'best.pt'} (a plain Ultralytics model)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from detkd.eval.run import evaluate_model
+
+    m = evaluate_model(args.model, args.data, split=args.split, imgsz=args.imgsz, out_dir=args.out,
+                       conf=args.conf, iou=args.iou, batch=args.batch, threads=args.threads, voc=not args.no_voc)
+    print(m["summary"].rstrip())
+    if "voc" in m:
+        print(f"VOC mAP@0.5: {m['voc']['mAP50_auc']:.4f} (area under curve), {m['voc']['mAP50_07']:.4f} (VOC07 11-point)")
+    print("per-class AP50-95: " + ", ".join(f"{k} {v['AP']:.3f}" for k, v in m["per_class"].items()))
+    print(f"written: {m['out_dir']}/metrics.json, detections.json")
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    if args.data_cmd == "synth":
+        from detkd.data.synth import generate
+
+        s = generate(args.out, seed=args.seed, n_train=args.train, n_val=args.val, imgsz=args.imgsz,
+                     workers=args.workers)
+        print(f"detkd data synth: wrote {args.out} (data.yaml, annotations/instances_{{train,val}}.json)")
+        for k, v in s.items():
+            if k != "paths":
+                print(f"  {k}: {v}")
+        return 0
+    if args.data_cmd == "convert":
+        from detkd.data.convert import convert
+
+        r = convert(args.src, args.dst, to=args.to, split=args.split, strict=args.strict)
+        print(r.summary())
+        return 0
+    if args.data_cmd == "validate":
+        from detkd.data.validate import validate_dataset
+
+        r = validate_dataset(args.path, split=args.split, strict=args.strict)
+        print(r.summary())
+        return 0
+    print("detkd data: choose one of synth, convert, validate (see detkd data --help)", file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="detkd",
@@ -60,6 +109,45 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(verb, help=help_, description=help_)
         sp.set_defaults(func=_not_ready(verb))
     sub.choices["doctor"].set_defaults(func=_cmd_doctor)
+
+    tr = sub.choices["train"]
+    tr.add_argument("config", help="detkd train config (teacher, student, data, distill, Ultralytics args)")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=50 distill.logits.weight=2")
+    tr.set_defaults(func=_cmd_train)
+
+    ev = sub.choices["eval"]
+    ev.add_argument("model", help="Ultralytics .pt or exported .onnx")
+    ev.add_argument("--data", required=True, help="COCO json / VOC root / Ultralytics data yaml")
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--imgsz", type=int, default=640)
+    ev.add_argument("--out", default=None, help="output folder (default: beside the model)")
+    ev.add_argument("--conf", type=float, default=0.001)
+    ev.add_argument("--iou", type=float, default=0.7)
+    ev.add_argument("--batch", type=int, default=16)
+    ev.add_argument("--threads", type=int, default=None, help="CPU threads (torch / onnxruntime)")
+    ev.add_argument("--no-voc", action="store_true", help="skip VOC mAP@0.5")
+    ev.set_defaults(func=_cmd_eval)
+
+    da = sub.choices["data"]
+    dsub = da.add_subparsers(dest="data_cmd", metavar="CMD")
+    sy = dsub.add_parser("synth", help="generate the built-in security-camera dataset (offline, deterministic)")
+    sy.add_argument("--out", required=True)
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--train", type=int, default=2000)
+    sy.add_argument("--val", type=int, default=500)
+    sy.add_argument("--imgsz", type=int, default=320)
+    sy.add_argument("--workers", type=int, default=1)
+    cv = dsub.add_parser("convert", help="COCO / VOC -> Ultralytics layout, or back to COCO json")
+    cv.add_argument("src")
+    cv.add_argument("dst")
+    cv.add_argument("--to", choices=["yolo", "coco"], default="yolo")
+    cv.add_argument("--split", default="val")
+    cv.add_argument("--strict", action="store_true", help="turn warnings into errors")
+    va = dsub.add_parser("validate", help="check a dataset and print a summary of every problem found")
+    va.add_argument("path")
+    va.add_argument("--split", default="val")
+    va.add_argument("--strict", action="store_true", help="turn warnings into errors")
+    da.set_defaults(func=_cmd_data)
     return p
 
 

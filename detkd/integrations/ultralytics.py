@@ -305,9 +305,7 @@ class KDDetectionModel(DistillationModel):
             teacher,
             cfg,
             example_inputs=example,
-            head=f"model.{len(student.model) - 1}",
             head_extractor=UltralyticsHead(s_det.stride.tolist(), s_det.reg_max),
-            teacher_head=f"model.{len(teacher.model) - 1}",
             teacher_head_extractor=UltralyticsHead(detect_layer(teacher).stride.tolist(), detect_layer(teacher).reg_max),
         )
         self.kd_terms = tuple(k for k, on in zip(KD_TERMS, (cfg.logits, cfg.boxes, cfg.features)) if on)
@@ -319,7 +317,8 @@ class KDDetectionModel(DistillationModel):
     # --- teacher plumbing -------------------------------------------------------------------------------------
     @property
     def teacher_model(self):  # noqa: D401 - property used by Ultralytics
-        return self.__dict__.get("distiller") and self.distiller.teacher
+        d = self.__dict__.get("_modules", {}).get("distiller")
+        return d.teacher if d is not None else None
 
     @teacher_model.setter
     def teacher_model(self, value):
@@ -333,11 +332,11 @@ class KDDetectionModel(DistillationModel):
             for q in t.parameters():
                 q.requires_grad_(False)
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
         t = self.teacher_model
         if t is not None:
-            t._apply(fn, recurse)
+            t._apply(fn)
         return self
 
     def __getstate__(self):
