@@ -25,7 +25,8 @@ ensure_ultralytics_offline()
 from ultralytics import YOLO  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 
-from detkd.errors import ConfigError, DetkdError  # noqa: E402
+from detkd.assets import PICO_YAML  # noqa: E402
+from detkd.errors import ConfigError  # noqa: E402
 from detkd.integrations import ultralytics as ul  # noqa: E402
 
 IMGSZ = 64
@@ -33,11 +34,31 @@ IMGSZ = 64
 
 @pytest.fixture(scope="module")
 def data_yaml(tmp_path_factory) -> Path:
-    from detkd.data.synth import generate
+    """16 + 8 images of coloured rectangles (3 classes) in the Ultralytics layout."""
+    import cv2
+    import numpy as np
 
-    out = tmp_path_factory.mktemp("synth")
-    generate(out, seed=3, n_train=16, n_val=8, imgsz=IMGSZ, progress=False)
-    return out / "data.yaml"
+    root = tmp_path_factory.mktemp("rects")
+    rng = np.random.default_rng(0)
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    for split, n in (("train", 16), ("val", 8)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(n):
+            im = np.full((IMGSZ, IMGSZ, 3), 90, np.uint8)
+            lines = []
+            for _ in range(int(rng.integers(1, 4))):
+                c = int(rng.integers(0, 3))
+                w, h = (int(v) for v in rng.integers(8, 30, 2))
+                x, y = int(rng.integers(0, IMGSZ - w)), int(rng.integers(0, IMGSZ - h))
+                cv2.rectangle(im, (x, y), (x + w, y + h), colours[c], -1)
+                lines.append(f"{c} {(x + w / 2) / IMGSZ:.5f} {(y + h / 2) / IMGSZ:.5f} {w / IMGSZ:.5f} {h / IMGSZ:.5f}")
+            cv2.imwrite(str(root / "images" / split / f"{i}.jpg"), im)
+            (root / "labels" / split / f"{i}.txt").write_text("\n".join(lines))
+    p = root / "data.yaml"
+    p.write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val",
+                                 "names": {0: "red", 1: "green", 2: "blue"}}))
+    return p
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +100,7 @@ RECIPE = {
 def _student(nc: int, names) -> DetectionModel:
     from ultralytics.cfg import get_cfg
 
-    s = DetectionModel("yolov8n.yaml", nc=nc, verbose=False)
+    s = DetectionModel(str(PICO_YAML), nc=nc, verbose=False)
     s.names = names
     s.args = get_cfg()
     return s
@@ -161,7 +182,7 @@ def test_train_end_to_end_resume_and_plain_loading(teacher_pt, data_yaml, tmp_pa
         if trainer.epoch == 0:
             raise Stop
 
-    m = YOLO("yolov8n.yaml")
+    m = YOLO(str(PICO_YAML))
     m.add_callback("on_model_save", stop_after_first_save)
     with pytest.raises(Stop):
         m.train(data=str(data_yaml), epochs=2, imgsz=IMGSZ, batch=8, device="cpu", workers=0, trainer=ul.DistillTrainer,
@@ -212,7 +233,7 @@ def test_detkd_train_cli_bad_inputs(teacher_pt, data_yaml, tmp_path):
                            timeout=300, env={**os.environ})
         return r.returncode, r.stderr
 
-    base = {"teacher": str(teacher_pt), "student": "yolov8n.yaml", "data": str(data_yaml), "epochs": 1,
+    base = {"teacher": str(teacher_pt), "student": str(PICO_YAML), "data": str(data_yaml), "epochs": 1,
             "imgsz": IMGSZ, "device": "cpu", "project": str(tmp_path / "runs")}
     rc, err = run({**base, "teacher": str(tmp_path / "missing.pt")})
     assert rc == 2 and "teacher: file not found" in err and "Traceback" not in err

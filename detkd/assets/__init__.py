@@ -1,0 +1,6 @@
+"""Files shipped with detkd (model yamls)."""
+
+from pathlib import Path
+
+ASSETS = Path(__file__).parent
+PICO_YAML = ASSETS / "yolov8-pico.yaml"
