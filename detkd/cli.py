@@ -72,6 +72,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from detkd.demo import run_demo
+
+    budget = "quick" if args.quick else "full" if args.full else "default"
+    run_demo(args.out, budget=budget, threads=args.threads, seed=args.seed, skip_existing=not args.fresh)
+    return 0
+
+
 def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_cmd == "synth":
         from detkd.data.synth import generate
@@ -127,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=None, help="CPU threads (torch / onnxruntime)")
     ev.add_argument("--no-voc", action="store_true", help="skip VOC mAP@0.5")
     ev.set_defaults(func=_cmd_eval)
+
+    de = sub.choices["demo"]
+    g = de.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="a few minutes (tiny data and epochs)")
+    g.add_argument("--full", action="store_true", help="the real benchmark (hours on CPU)")
+    de.add_argument("--out", default="detkd_demo", help="output folder (default ./detkd_demo)")
+    de.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--fresh", action="store_true", help="redo every stage even if its output exists")
+    de.set_defaults(func=_cmd_demo)
 
     da = sub.choices["data"]
     dsub = da.add_subparsers(dest="data_cmd", metavar="CMD")
