@@ -72,6 +72,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from detkd.report.report import report_from_spec
+
+    paths = report_from_spec(args.spec, out_dir=args.out)
+    for k, v in paths.items():
+        print(f"{k}: {v}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from detkd.demo import run_demo
 
@@ -135,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=None, help="CPU threads (torch / onnxruntime)")
     ev.add_argument("--no-voc", action="store_true", help="skip VOC mAP@0.5")
     ev.set_defaults(func=_cmd_eval)
+
+    rp = sub.choices["report"]
+    rp.add_argument("spec", help="YAML listing the models (role, name, metrics json, weights, latency, results_csv)")
+    rp.add_argument("--out", default=None, help="output folder (default: the spec's 'out' or report/ beside it)")
+    rp.set_defaults(func=_cmd_report)
 
     de = sub.choices["demo"]
     g = de.add_mutually_exclusive_group()

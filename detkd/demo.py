@@ -80,7 +80,8 @@ def run_demo(out: str | Path = "detkd_demo", budget: str = "default", threads: i
     from detkd.integrations.ultralytics_env import ensure_ultralytics_offline
 
     ensure_ultralytics_offline()
-    from detkd.bench.latency import model_stats, torch_latency
+    from detkd.bench.latency import torch_latency
+    from detkd.report.report import model_info
     from detkd.data.synth import generate
     from detkd.eval.run import evaluate_model
 
@@ -119,7 +120,7 @@ def run_demo(out: str | Path = "detkd_demo", budget: str = "default", threads: i
     for role in ("teacher", "baseline", "distilled"):
         metrics[role] = evaluate_model(weights[role], data_yaml, split="val", imgsz=b.imgsz, out_dir=out / "eval" / role,
                                        threads=threads, progress=False)
-        info[role] = model_stats(weights[role], b.imgsz)
+        info[role] = model_info(weights[role], b.imgsz)
         info[role]["latency_ms"] = torch_latency(weights[role], b.imgsz, threads=threads)
     _say("6/6 writing the report")
     from detkd.report.report import ModelEntry, build_report

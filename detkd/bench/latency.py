@@ -19,20 +19,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def model_stats(weights: str | Path, imgsz: int) -> dict:
-    """Parameters, GFLOPs at ``imgsz`` and file size of an Ultralytics ``.pt``."""
-    from detkd.integrations.ultralytics_env import ensure_ultralytics_offline
-
-    ensure_ultralytics_offline()
-    from ultralytics.nn.tasks import load_checkpoint
-    from ultralytics.utils.torch_utils import get_flops
-
-    model, _ = load_checkpoint(str(weights))
-    return {"params": int(sum(p.numel() for p in model.parameters())),
-            "gflops": float(get_flops(model, imgsz)),
-            "size_mb": os.path.getsize(weights) / 1e6}
-
-
 def torch_latency(weights: str | Path, imgsz: int, threads: int = 1, runs: int = 30, warmup: int = 5) -> dict:
     """Eager PyTorch FP32 latency of one ``imgsz`` image (fused Conv+BN, no_grad), in milliseconds."""
     import torch

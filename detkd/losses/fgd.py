@@ -358,6 +358,11 @@ class FGDLoss(nn.Module):
             nn.init.zeros_(block[-1].weight)
             nn.init.zeros_(block[-1].bias)
 
+    def __getstate__(self):  # copies and pickles (EMA, DDP, checkpoints) never carry the scratch tensor
+        state = self.__dict__.copy()
+        state["_work"] = None
+        return state
+
     def _workspace(self, like: Tensor) -> Tensor | None:
         """Scratch tensor shaped like ``like``, kept between calls on CPU (None elsewhere)."""
         if not self.cache_workspace or like.device.type != "cpu":
