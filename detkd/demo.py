@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from detkd.assets import PICO_YAML
+from detkd.integrations.recipes import DEFAULT_RECIPE
 
 
 @dataclass
@@ -33,13 +34,7 @@ class Budget:
     distill: dict = field(default_factory=dict)
 
 
-DISTILL = {
-    "logits": {"method": "sigmoid_kd", "weight": 1.0, "options": {"avg_factor": "teacher_score"}},
-    "boxes": {"method": "ld", "weight": 1.0, "temperature": 10.0},
-    "features": "auto",
-    "feature_method": "cwd",
-    "feature_weight": 1.0,
-}
+DISTILL = DEFAULT_RECIPE  # logits (sigmoid KD) + boxes (LD) + neck features (CWD)
 
 BUDGETS = {
     "quick": Budget(64, 24, 96, "yolov8n.yaml", str(PICO_YAML), 2, 2, 16, DISTILL),

@@ -68,3 +68,27 @@ def test_config_paths_resolved_relative_to_file(tmp_path):
     assert cfg["epochs"] == 2
     with pytest.raises(ConfigError, match="config file not found"):
         load_train_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("name", ["synth_yolov8.yaml", "coco_yolov8l_to_yolov8n.yaml"])
+def test_shipped_train_configs_are_valid(name):
+    """Every key of the shipped configs is known, and the distill block validates against real YOLO layers."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    from detkd.config import DistillConfig
+    from detkd.integrations.ultralytics import _expand_features
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_train_config(root / "configs" / name)
+    _check_keys(cfg, name)
+    s = DetectionModel(str(root / "detkd" / "assets" / "yolov8-pico.yaml"), nc=5, verbose=False)
+    t = DetectionModel("yolov8n.yaml", nc=5, verbose=False)
+    c = DistillConfig.from_dict(_expand_features(cfg["distill"], s, t))
+    assert [f.student for f in c.features] == ["model.15", "model.18", "model.21"]
+
+
+def test_shipped_distiller_example_config():
+    from detkd.config import load_config
+
+    c = load_config(Path(__file__).resolve().parents[1] / "configs" / "distill_example.yaml")
+    assert [f.method for f in c.features] == ["cwd", "pkd", "fgd"] and c.logits.method == "sigmoid_kd"

@@ -50,7 +50,8 @@ from ultralytics.utils.torch_utils import ModelEMA, unwrap_model  # noqa: E402
 
 from detkd.config import DistillConfig  # noqa: E402
 from detkd.distiller import DenseOutputs, Distiller  # noqa: E402
-from detkd.errors import ConfigError, DetkdError  # noqa: E402
+from detkd.errors import ConfigError  # noqa: E402
+from detkd.integrations.recipes import DEFAULT_RECIPE  # noqa: E402
 
 __all__ = [
     "DistillTrainer",
@@ -208,13 +209,6 @@ def yolo_gt_boxes(batch: dict, img_shape: tuple[int, int]) -> tuple[torch.Tensor
 # ----------------------------------------------------------------------------------------------------------------
 # Settings: the `distill_model` channel
 # ----------------------------------------------------------------------------------------------------------------
-DEFAULT_RECIPE: dict = {
-    "logits": {"method": "sigmoid_kd", "weight": 1.0, "temperature": 1.0},
-    "boxes": {"method": "ld", "weight": 1.0, "temperature": 10.0},
-    "features": "auto",
-    "feature_method": "cwd",
-    "feature_weight": 1.0,
-}
 
 
 def load_kd_settings(source: str | Path) -> tuple[Path, dict]:
@@ -310,8 +304,8 @@ class KDDetectionModel(DistillationModel):
         )
         self.kd_terms = tuple(k for k, on in zip(KD_TERMS, (cfg.logits, cfg.boxes, cfg.features)) if on)
         self.task_weight = float(cfg.task_weight)
-        for k in ("yaml", "nc", "names", "stride", "args", "task", "pt_path", "end2end"):
-            if hasattr(student, k) and k != "end2end":
+        for k in ("yaml", "nc", "names", "stride", "args", "task", "pt_path"):
+            if hasattr(student, k):
                 setattr(self, k, getattr(student, k))
 
     # --- teacher plumbing -------------------------------------------------------------------------------------
