@@ -3,26 +3,38 @@
 Three lines in a training loop::
 
     kd = Distiller(student, teacher, "kd.yaml", example_inputs=images)   # + add kd.parameters() to the optimizer
-    with kd.record(): loss = student_loss(student(images), targets)       # taps the student's named modules
-    loss = loss + kd(images, gt_boxes=boxes, gt_valid=valid)["kd_total"]  # teacher forward + weighted terms
+    with kd.record(): loss = student_loss(student(images), targets)
+    loss = loss + kd(images, gt_boxes=boxes, gt_valid=valid)["kd_total"]
 
-What it owns:
+``record()`` captures the student's tapped outputs during its forward; ``kd(images, ...)`` runs the frozen
+teacher on the same images and returns the weighted terms ``kd_cls`` / ``kd_box`` / ``kd_feat`` (those
+configured) and their sum ``kd_total``, each a 0-dim float32 tensor. ``config.task_weight`` is for the
+caller to apply to its own detection loss.
 
-* **Feature taps** by module name (``dict(model.named_modules())``). Forward hooks exist only inside
-  ``record()`` (student) and ``teacher_forward()`` (teacher), so deep copies and pickles of the student never
-  carry hooks or detkd objects. ``name:0`` / ``name:key`` picks one element of a tuple/dict output.
-* **Adapters**, built at construction by probing both models once on ``example_inputs`` (eval mode,
-  no grad, modes restored): a 1x1 conv (+BN for ``adapter: auto|conv_bn``) when channels differ (not for
-  methods that align channels themselves: MGD, FGD; not for channel-free AT), and bilinear resizing of the
-  student map to the teacher's size when strides differ.
-* **Dense-head signals**: the student's head output (``student_output=`` or a tap named ``head``) and the
-  teacher's model output go through a ``head_extractor`` into :class:`DenseOutputs` (anchors first).
-* **Weights and schedules** per term, ``stop_epoch`` (terms become exact zeros and the teacher is skipped).
+What the Distiller owns:
+
+* **Feature taps** by module name (``dict(model.named_modules())``, ``.module`` of DDP/DataParallel
+  unwrapped). Forward hooks exist only inside ``record()`` (student) and ``teacher_forward()`` (teacher), so
+  deep copies and pickles of the student never carry hooks or detkd objects. ``name:0`` / ``name:key``
+  picks one element of a tuple/list/dict output. Captured tensors are dropped after each ``forward``.
+* **Adapters**, built at construction by probing both models once on ``example_inputs`` (eval mode, no
+  grad, each model's mode restored): a 1x1 conv (+ BN for ``adapter: auto | conv_bn``) when channels differ
+  and the method neither aligns channels itself (MGD, FGD) nor is channel-free (AT); the student map is
+  resized bilinearly to the teacher's ``H, W`` when strides differ. They live in ``self.adapters``.
+* **Dense-head signals** (``logits`` / ``boxes``): the student's head output is ``student_output=``, else
+  the recorded module ``head``, else the recorded output of the student model itself; the teacher's is
+  ``teacher_output=``, else its module ``teacher_head`` (default: ``head``), else the teacher model's output.
+  ``head_extractor`` / ``teacher_head_extractor`` turn them into :class:`DenseOutputs` (anchors first);
+  they must be picklable (top-level functions or objects), never lambdas.
+* **Weights and schedules**: each term is ``weight * schedule(epoch, total_epochs) * loss``. A term whose
+  multiplier is 0 is not computed (an exact zero); when every multiplier is 0 (e.g. from ``stop_epoch``
+  on) the teacher forward is skipped too.
 
 The teacher is frozen (``requires_grad=False``), kept in eval mode whatever ``train()`` is called, run under
-``torch.no_grad()``, and held unregistered: ``parameters()`` / ``state_dict()`` contain only adapters and
-learnable loss modules (MGD generators, FGD's relation blocks). ``copy.deepcopy`` shares the frozen teacher
-between copies (Ultralytics' EMA deep-copies models every run); ``pickle`` includes it (DDP workers need it).
+``torch.no_grad()``, and held unregistered: ``parameters()`` / ``state_dict()`` contain only the adapters and
+learnable loss modules (MGD generators, FGD blocks); ``kd.to(device)`` moves only those. Losses are computed
+in float32 with autocast disabled. ``copy.deepcopy`` shares the frozen teacher between copies (Ultralytics'
+EMA deep-copies models); ``pickle`` includes it (DDP workers need it).
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,18 +50,23 @@ from torch import Tensor, nn
 
 from detkd.config import DistillConfig, FeatureTapConfig, load_config
 from detkd.errors import ConfigError
-from detkd.losses.boxes import box_kd_loss, bounded_regression_loss, ld_loss
-from detkd.losses.logits import kd_loss, sigmoid_kd_loss
-from detkd.losses.registry import FEATURE_METHODS
+from detkd.losses.registry import BOX_METHODS, FEATURE_METHODS, LOGIT_METHODS
 from detkd.schedules import Schedule
 
 __all__ = ["Distiller", "DenseOutputs", "default_head_extractor"]
 
+MODEL_OUTPUT = ""  # the root module's name in named_modules(): its hook records the model output
+
 
 @dataclass
 class DenseOutputs:
-    """A dense head's outputs, anchors first: ``cls (N, A, K)`` raw logits, ``box_dist (N, A, 4, R)`` DFL
-    logits or None, ``boxes (N, A, 4)`` decoded xyxy input pixels or None."""
+    """A dense head's outputs, anchors first.
+
+    Attributes:
+        cls: ``(N, A, K)`` raw class logits.
+        box_dist: ``(N, A, 4, R)`` DFL bin logits (ltrb sides), or None.
+        boxes: ``(N, A, 4)`` decoded ``xyxy`` boxes in input pixels, or None.
+    """
 
     cls: Tensor
     box_dist: Tensor | None = None
@@ -57,43 +74,72 @@ class DenseOutputs:
 
 
 def default_head_extractor(out: Any) -> DenseOutputs:
-    """Accepts a `DenseOutputs` or a dict with keys ``cls`` and optional ``box_dist`` / ``boxes``."""
+    """Accepts a :class:`DenseOutputs`, or a dict with key ``cls`` and optional ``box_dist`` / ``boxes``."""
     if isinstance(out, DenseOutputs):
         return out
     if isinstance(out, dict) and "cls" in out:
         return DenseOutputs(out["cls"], out.get("box_dist"), out.get("boxes"))
     raise ConfigError(
-        "head output is not understood: pass head_extractor= (a picklable function returning DenseOutputs) "
-        f"for outputs of type {type(out).__name__}"
+        f"head output of type {type(out).__name__} is not understood: pass head_extractor= (a picklable "
+        "top-level function returning DenseOutputs), or have the head return a dict with 'cls' (N, A, K) "
+        "and optional 'box_dist' (N, A, 4, R) / 'boxes' (N, A, 4)"
     )
 
 
+def _float_outputs(d: DenseOutputs, detach: bool) -> DenseOutputs:
+    def f(x: Tensor | None) -> Tensor | None:
+        if x is None:
+            return None
+        x = x.detach() if detach else x
+        return x.float()
+
+    return DenseOutputs(f(d.cls), f(d.box_dist), f(d.boxes))
+
+
 class _Recorder:
-    """Picklable forward hook: stores a module's output in a dict under a key."""
+    """Picklable forward hook: stores a module's output in ``store[key]``."""
 
     def __init__(self, store: dict, key: str):
         self.store, self.key = store, key
 
-    def __call__(self, module, inputs, output):
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
         self.store[self.key] = output
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DataParallel
-        model = model.module
-    return model
+    """The module inside DDP / DataParallel (``.module``) or ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _split_name(name: str) -> tuple[str, str | None]:
+    """``'neck.p3:0'`` -> ``('neck.p3', '0')``; ``'neck.p3'`` -> ``('neck.p3', None)``."""
     mod, _, sel = name.partition(":")
     return mod, (sel or None)
 
 
+def _pick(out: Any, sel: str | None, name: str) -> Any:
+    if sel is None:
+        return out
+    try:
+        if isinstance(out, (list, tuple)):
+            return out[int(sel)]
+        return out[sel]
+    except (IndexError, KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"tap '{name}': cannot take element {sel!r} of a {type(out).__name__} output ({e})") from e
+
+
 def _select(out: Any, sel: str | None, name: str) -> Tensor:
-    if sel is not None:
-        out = out[int(sel)] if isinstance(out, (list, tuple)) else out[sel]
+    out = _pick(out, sel, name)
     if not isinstance(out, Tensor):
-        raise ConfigError(f"tap '{name}': module output is a {type(out).__name__}; name an element with '{name}:0'")
+        hint = f"'{name}:0'" if isinstance(out, (list, tuple)) else f"'{name}:<key>'"
+        raise ConfigError(f"tap '{name}': module output is a {type(out).__name__}, not a tensor; name one element "
+                          f"with {hint}")
     return out
 
 
@@ -102,14 +148,48 @@ def _find_module(model: nn.Module, name: str, role: str) -> nn.Module:
     if name not in mods:
         import difflib
 
-        close = difflib.get_close_matches(name, list(mods), n=3, cutoff=0.5)
+        close = difflib.get_close_matches(name, [m for m in mods if m], n=3, cutoff=0.5)
         hint = f"; close names: {', '.join(close)}" if close else ""
         raise ConfigError(f"{role} has no module named '{name}'{hint} (names come from model.named_modules())")
     return mods[name]
 
 
+def _call(model: nn.Module, inputs: Any) -> Any:
+    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+
+
+def _image_shape(inputs: Any) -> tuple[int, int] | None:
+    if isinstance(inputs, (tuple, list)) and inputs:
+        inputs = inputs[0]
+    if isinstance(inputs, Tensor) and inputs.dim() == 4:
+        return int(inputs.shape[-2]), int(inputs.shape[-1])
+    return None
+
+
+def _no_autocast(device: torch.device):
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know
+        return contextlib.nullcontext()
+
+
 class Distiller(nn.Module):
-    """Distil ``teacher`` into ``student``. See the module docstring."""
+    """Distil a frozen ``teacher`` into ``student``; see the module docstring.
+
+    Args:
+        student: the model being trained (not registered as a submodule; not modified).
+        teacher: the frozen teacher (not registered; set to eval mode and ``requires_grad=False``).
+        config: a :class:`~detkd.config.DistillConfig`, a dict, or a YAML path.
+        example_inputs: one batch (a tensor, or a tuple of positional arguments) used once to size the
+            adapters; required when feature taps are configured.
+        head: name of the student's dense-head module (None: the student model's own output).
+        teacher_head: name of the teacher's dense-head module (default: ``head``).
+        head_extractor: ``f(head output) -> DenseOutputs`` for the student (default
+            :func:`default_head_extractor`).
+        teacher_head_extractor: the same for the teacher (default: ``head_extractor``).
+    """
+
+    _TRANSIENT = ("_s_out", "_t_out", "_t_result", "_t_ran", "last_terms")
 
     def __init__(
         self,
@@ -119,27 +199,28 @@ class Distiller(nn.Module):
         *,
         example_inputs: Any = None,
         head: str | None = None,
+        teacher_head: str | None = None,
         head_extractor: Callable[[Any], DenseOutputs] | None = None,
         teacher_head_extractor: Callable[[Any], DenseOutputs] | None = None,
     ):
         super().__init__()
         self.cfg = load_config(config)
-        self.__dict__["_student"] = student
+        self.__dict__["_student"] = student  # plain attributes: never submodules
         self.__dict__["_teacher"] = teacher
         self.head = head
+        self.teacher_head = teacher_head if teacher_head is not None else head
         self.head_extractor = head_extractor or default_head_extractor
         self.teacher_head_extractor = teacher_head_extractor or self.head_extractor
-        self.epoch, self.total_epochs = 0.0, None
-        self._s_out: dict[str, Any] = {}
-        self._t_out: dict[str, Any] = {}
-        self._t_result: Any = None
-        self._t_ran = False
+        self.epoch: float = 0.0
+        self.total_epochs: float | None = None
+        self.teacher_forwards = 0  # how many times the teacher ran (not counting the construction probe)
+        self._reset()
         self.last_terms: dict[str, Tensor] = {}
-        self.teacher_forwards = 0
         self._freeze_teacher()
-        for tap in self.cfg.features:  # fail early on bad names
-            _find_module(student, _split_name(tap.student)[0], "student")
-            _find_module(teacher, _split_name(tap.teacher)[0], "teacher")
+        for name in self._student_names():  # fail early on bad names
+            _find_module(student, _split_name(name)[0], "student")
+        for name in self._teacher_names():
+            _find_module(teacher, _split_name(name)[0], "teacher")
         self.adapters = nn.ModuleDict()
         self.feature_losses = nn.ModuleDict()
         if self.cfg.features:
@@ -147,10 +228,20 @@ class Distiller(nn.Module):
                 raise ConfigError("feature distillation needs example_inputs= (one batch) to size the adapters")
             self._build(example_inputs)
 
-    # -- references that are not submodules -------------------------------------------------------------------
+    # -- references that are not submodules ------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("student", "teacher"):  # through the properties: nn.Module would register a submodule
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     @property
     def student(self) -> nn.Module:
         return self.__dict__["_student"]
+
+    @student.setter
+    def student(self, value: nn.Module) -> None:
+        self.__dict__["_student"] = value
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -168,136 +259,185 @@ class Distiller(nn.Module):
             for p in t.parameters():
                 p.requires_grad_(False)
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         self._freeze_teacher()
         return self
 
-    def __deepcopy__(self, memo):
+    def _reset(self) -> None:
+        self._s_out: dict[str, Any] = {}
+        self._t_out: dict[str, Any] = {}
+        self._t_result: Any = None
+        self._t_ran = False
+
+    def __deepcopy__(self, memo: dict) -> Distiller:
         t = self.teacher
         if t is not None:
             memo.setdefault(id(t), t)  # the frozen teacher is shared, not copied
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         for k, v in self.__dict__.items():
-            if k in ("_s_out", "_t_out"):
-                new.__dict__[k] = {}
-            elif k in ("_t_result", "last_terms"):
-                new.__dict__[k] = None if k == "_t_result" else {}
-            else:
+            if k not in self._TRANSIENT:
                 new.__dict__[k] = copy.deepcopy(v, memo)
+        new._reset()
+        new.last_terms = {}
         return new
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.update(_s_out={}, _t_out={}, _t_result=None, last_terms={}, _t_ran=False)
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
+        state.update(_s_out={}, _t_out={}, _t_result=None, _t_ran=False, last_terms={})
         return state
 
-    # -- progress -----------------------------------------------------------------------------------------------
+    # -- progress ----------------------------------------------------------------------------------------------
     def set_progress(self, epoch: float, total_epochs: float | None = None) -> None:
+        """Set the training progress used by the schedules (``epoch`` may be fractional)."""
         self.epoch = float(epoch)
         if total_epochs is not None:
             self.total_epochs = float(total_epochs)
 
     @property
     def stopped(self) -> bool:
+        """True from ``config.stop_epoch`` on."""
         return self.cfg.stop_epoch is not None and self.epoch >= self.cfg.stop_epoch
 
-    def _mult(self, sched, weight: float) -> float:
-        if sched is None:
-            return float(weight)
-        return float(weight) * Schedule(sched.kind, sched.start, sched.end, sched.warmup_epochs, sched.stop_epoch)(
-            self.epoch, self.total_epochs
-        )
+    def _mult(self, sched: Schedule | None, weight: float) -> float:
+        if self.stopped:
+            return 0.0
+        return float(weight) * (sched(self.epoch, self.total_epochs) if sched is not None else 1.0)
 
-    # -- recording ----------------------------------------------------------------------------------------------
+    def multipliers(self) -> dict[str, float]:
+        """Current ``weight * schedule`` of each term: ``kd_cls``, ``kd_box``, ``kd_feat/<student tap>``."""
+        out: dict[str, float] = {}
+        if self.cfg.logits:
+            out["kd_cls"] = self._mult(self.cfg.logits.schedule, self.cfg.logits.weight)
+        if self.cfg.boxes:
+            out["kd_box"] = self._mult(self.cfg.boxes.schedule, self.cfg.boxes.weight)
+        for key, tap in zip(self._feature_keys(), self.cfg.features):
+            out[key] = self._mult(tap.schedule, tap.weight)
+        return out
+
+    def temperature(self) -> float:
+        """The logit temperature now (``logits.temperature_schedule`` if set, else ``logits.temperature``)."""
+        c = self.cfg.logits
+        if c is None:
+            raise ConfigError("no distill.logits configured")
+        if c.temperature_schedule is not None:
+            return c.temperature_schedule(self.epoch, self.total_epochs)
+        return c.temperature
+
+    def _feature_keys(self) -> list[str]:
+        keys: list[str] = []
+        for i, tap in enumerate(self.cfg.features):
+            k = f"kd_feat/{tap.student}"
+            keys.append(k if k not in keys else f"{k}#{i}")
+        return keys
+
+    # -- recording -------------------------------------------------------------------------------------------
+    @property
+    def _dense(self) -> bool:
+        return self.cfg.logits is not None or self.cfg.boxes is not None
+
     def _student_names(self) -> list[str]:
         names = [t.student for t in self.cfg.features]
-        if self.head and (self.cfg.logits or self.cfg.boxes):
-            names.append(self.head)
+        if self._dense:
+            names.append(self.head or MODEL_OUTPUT)
+        return names
+
+    def _teacher_names(self) -> list[str]:
+        names = [t.teacher for t in self.cfg.features]
+        if self._dense and self.teacher_head:
+            names.append(self.teacher_head)
         return names
 
     @contextlib.contextmanager
-    def _hooks(self, model: nn.Module, names: list[str], store: dict, role: str):
+    def _hooks(self, model: nn.Module, names: list[str], store: dict, role: str) -> Iterator[None]:
         handles = []
         try:
-            for name in dict.fromkeys(names):
-                mod = _find_module(model, _split_name(name)[0], role)
-                handles.append(mod.register_forward_hook(_Recorder(store, _split_name(name)[0])))
+            for mod_name in dict.fromkeys(_split_name(n)[0] for n in names):
+                mod = _find_module(model, mod_name, role)
+                handles.append(mod.register_forward_hook(_Recorder(store, mod_name)))
             yield
         finally:
             for h in handles:
                 h.remove()
 
     @contextlib.contextmanager
-    def record(self, model: nn.Module | None = None):
+    def record(self, model: nn.Module | None = None) -> Iterator[Distiller]:
         """Record the student's tapped outputs during the forward passes inside this block.
 
         ``model`` defaults to the student given at construction; pass the module actually run (an EMA copy, a
-        DDP-wrapped student — ``.module`` is unwrapped, so names never need a ``module.`` prefix)."""
+        DDP-wrapped student: ``.module`` is unwrapped, so names never need a ``module.`` prefix). The hooks
+        are removed when the block exits, also on an exception.
+        """
         self._s_out.clear()
-        with self._hooks(model if model is not None else self.student, self._student_names(), self._s_out, "student"):
+        with self._hooks(model if model is not None else self.student, self._student_names(), self._s_out,
+                         "student"):
             yield self
 
     def teacher_forward(self, inputs: Any) -> Any:
-        """Run the frozen teacher on ``inputs`` (no grad, eval mode), recording its taps; returns its output."""
+        """Run the frozen teacher on ``inputs`` (no grad, eval mode), recording its taps; returns its output.
+
+        Call it yourself to run the teacher at a chosen point (e.g. on other inputs); ``forward`` then uses
+        what it recorded instead of running the teacher again.
+        """
         t = self.teacher
         if t is None:
             raise ConfigError("this Distiller has no teacher (it was dropped, e.g. on an EMA copy)")
         self._freeze_teacher()
         self._t_out.clear()
-        with torch.no_grad(), self._hooks(t, [x.teacher for x in self.cfg.features], self._t_out, "teacher"):
-            out = t(*inputs) if isinstance(inputs, (tuple, list)) else t(inputs)
+        with torch.no_grad(), self._hooks(t, self._teacher_names(), self._t_out, "teacher"):
+            out = _call(t, inputs)
         self._t_result, self._t_ran = out, True
         self.teacher_forwards += 1
         return out
 
-    # -- construction ------------------------------------------------------------------------------------------
+    # -- construction ----------------------------------------------------------------------------------------
     def _build(self, example_inputs: Any) -> None:
-        s, t = self.student, self.teacher
-        s_mode, t_mode = s.training, t.training
+        """Probe both models once on ``example_inputs`` and build one adapter + loss module per tap."""
+        s = self.student
+        s_mode = s.training
         s.eval()
         try:
             with torch.no_grad():
                 with self._hooks(s, [x.student for x in self.cfg.features], self._s_out, "student"):
-                    s(*example_inputs) if isinstance(example_inputs, (tuple, list)) else s(example_inputs)
+                    _call(s, example_inputs)
                 self.teacher_forward(example_inputs)
-            self.teacher_forwards = 0
-            device = next(iter(s.parameters())).device if any(True for _ in s.parameters()) else None
             for i, tap in enumerate(self.cfg.features):
                 sf = _select(self._s_out[_split_name(tap.student)[0]], _split_name(tap.student)[1], tap.student)
                 tf = _select(self._t_out[_split_name(tap.teacher)[0]], _split_name(tap.teacher)[1], tap.teacher)
                 if sf.dim() != 4 or tf.dim() != 4:
                     raise ConfigError(f"distill.features[{i}]: taps must give (N, C, H, W) maps; got "
-                                      f"{tuple(sf.shape)} (student) and {tuple(tf.shape)} (teacher)")
-                self.adapters[str(i)], self.feature_losses[str(i)] = self._make_tap(i, tap, sf.shape[1], tf.shape[1])
-            if device is not None:
-                self.to(device)
+                                      f"{tuple(sf.shape)} (student '{tap.student}') and {tuple(tf.shape)} "
+                                      f"(teacher '{tap.teacher}')")
+                self.adapters[str(i)], self.feature_losses[str(i)] = self._make_tap(
+                    i, tap, int(sf.shape[1]), int(tf.shape[1])
+                )
+            p = next(iter(s.parameters()), None)
+            if p is not None:
+                self.to(p.device)
         finally:
             s.train(s_mode)
-            self._s_out.clear()
-            self._t_out.clear()
-            self._t_result, self._t_ran = None, False
-        del t_mode  # the teacher stays in eval mode
+            self.teacher_forwards = 0
+            self._reset()
 
     def _make_tap(self, i: int, tap: FeatureTapConfig, sc: int, tc: int) -> tuple[nn.Module, nn.Module]:
         method = FEATURE_METHODS[tap.method]
         needs_conv = sc != tc and not method.aligns_channels and not method.channel_free
         if tap.adapter == "none" and needs_conv:
-            raise ConfigError(f"distill.features[{i}]: adapter 'none' but student has {sc} channels and teacher {tc}; "
-                              f"use adapter: auto")
+            raise ConfigError(f"distill.features[{i}]: adapter 'none' but the student '{tap.student}' has {sc} "
+                              f"channels and the teacher '{tap.teacher}' {tc}; use adapter: auto")
         if tap.adapter in ("conv", "conv_bn") or (tap.adapter == "auto" and needs_conv):
-            out_c = sc if method.aligns_channels else tc
+            out_c = sc if method.aligns_channels else tc  # MGD/FGD map channels themselves
             layers: list[nn.Module] = [nn.Conv2d(sc, out_c, 1, bias=tap.adapter == "conv")]
             if tap.adapter in ("auto", "conv_bn"):
                 layers.append(nn.BatchNorm2d(out_c))
-            adapter = nn.Sequential(*layers)
+            adapter: nn.Module = nn.Sequential(*layers)
             sc = out_c
         else:
             adapter = nn.Identity()
         try:
             loss = method.build(sc, tc, **tap.options)
-        except TypeError as e:
+        except (TypeError, ValueError) as e:
             raise ConfigError(f"distill.features[{i}].options: {e}") from e
         return adapter, loss
 
@@ -316,11 +456,21 @@ class Distiller(nn.Module):
         epoch: float | None = None,
         total_epochs: float | None = None,
     ) -> dict[str, Tensor]:
-        """Weighted distillation terms ``kd_cls`` / ``kd_box`` / ``kd_feat`` (configured ones) and ``kd_total``.
+        """The weighted distillation terms of this step.
 
-        Runs the teacher on ``teacher_inputs`` (default ``inputs``) unless ``teacher_forward`` already ran this
-        step or ``teacher_output`` is given. ``gt_boxes (N, M, 4)`` xyxy pixels + ``gt_valid (N, M)`` and
-        ``img_shape (H, W)`` are needed by FGD; ``box_targets (N, A, 4)`` by the ``bounded`` box method.
+        Args:
+            inputs: the student's batch; the teacher runs on ``teacher_inputs`` (default ``inputs``) unless
+                ``teacher_forward`` already ran this step (or ``teacher_output`` is given and no feature tap
+                needs the teacher).
+            student_output / teacher_output: dense-head outputs, instead of the recorded ones.
+            gt_boxes: ``(N, M, 4)`` xyxy input pixels (or a list of ``(n_i, 4)``), with ``gt_valid (N, M)``;
+                needed by FGD. ``img_shape (H, W)`` defaults to the size of a 4-D ``inputs`` tensor.
+            box_targets: ``(N, A, 4)`` regression targets, for the ``bounded`` box method.
+            epoch, total_epochs: shortcut for :meth:`set_progress`.
+
+        Returns:
+            ``{'kd_cls', 'kd_box', 'kd_feat'`` (the configured ones) ``, 'kd_total'}``, 0-dim float32 tensors.
+            ``self.last_terms`` holds the detached breakdown (``kd_cls``, ``kd_box``, ``kd_feat/<tap>``).
         """
         if epoch is not None:
             self.set_progress(epoch, total_epochs)
@@ -328,109 +478,112 @@ class Distiller(nn.Module):
             return self._terms(inputs, teacher_inputs, student_output, teacher_output, gt_boxes, gt_valid,
                                img_shape, box_targets)
         finally:
-            self._s_out.clear()
-            self._t_out.clear()
-            self._t_result, self._t_ran = None, False
+            self._reset()
 
-    def _zero(self) -> Tensor:
-        p = next(iter(self.parameters()), None)
-        if p is None and self.student is not None:
-            p = next(iter(self.student.parameters()), None)
-        return torch.zeros((), device=p.device if p is not None else None)
+    def _device(self) -> torch.device:
+        for m in (self, self.student):
+            p = next(iter(m.parameters()), None) if m is not None else None
+            if p is not None:
+                return p.device
+        return torch.device("cpu")
 
     def _terms(self, inputs, teacher_inputs, student_output, teacher_output, gt_boxes, gt_valid, img_shape,
                box_targets) -> dict[str, Tensor]:
+        mult = self.multipliers()
         keys = [k for k, on in (("kd_cls", self.cfg.logits), ("kd_box", self.cfg.boxes),
                                 ("kd_feat", self.cfg.features)) if on]
+        device = self._device()
+        zero = torch.zeros((), dtype=torch.float32, device=device)
         self.last_terms = {}
-        if self.stopped:
-            z = self._zero()
-            out = {k: z.clone() for k in keys}
-            out["kd_total"] = z.clone()
+        if all(m == 0.0 for m in mult.values()):  # stop_epoch (or all weights 0): exact zeros, no teacher
+            self.last_terms = {k: zero.clone() for k in mult}
+            out = {k: zero.clone() for k in keys}
+            out["kd_total"] = zero.clone()
             return out
-        if teacher_output is None:
-            if not self._t_ran:
-                src = teacher_inputs if teacher_inputs is not None else inputs
-                if src is None:
-                    raise ConfigError("the Distiller needs the batch inputs to run the teacher: kd(images, ...)")
-                self.teacher_forward(src)
-            teacher_output = self._t_result
+
+        need_teacher = bool(self.cfg.features) or (self._dense and teacher_output is None)
+        if need_teacher and not self._t_ran:
+            src = teacher_inputs if teacher_inputs is not None else inputs
+            if src is None:
+                raise ConfigError("the Distiller needs the batch inputs to run the teacher: kd(images, ...)")
+            self.teacher_forward(src)
+        if img_shape is None:
+            img_shape = _image_shape(inputs) or _image_shape(teacher_inputs)
+
         out: dict[str, Tensor] = {}
-        if self.cfg.logits or self.cfg.boxes:
-            if student_output is None:
-                if not self.head or self.head not in self._s_out:
-                    raise ConfigError("logit/box distillation needs student_output= or a recorded 'head' module")
-                student_output = self._s_out[self.head]
-            s_head = self.head_extractor(student_output)
-            t_head = self.teacher_head_extractor(teacher_output)
-            if self.cfg.logits:
-                out["kd_cls"] = self._logit_term(s_head, t_head)
-            if self.cfg.boxes:
-                out["kd_box"] = self._box_term(s_head, t_head, box_targets)
-        if self.cfg.features:
-            ctx = {"gt_boxes": gt_boxes, "gt_valid": gt_valid, "img_shape": img_shape}
-            total = None
-            for i, tap in enumerate(self.cfg.features):
-                v = self._feature_term(i, tap, ctx)
-                self.last_terms[f"kd_feat/{tap.student}"] = v.detach()
-                total = v if total is None else total + v
-            out["kd_feat"] = total
-        out = {k: v.float().reshape(()) for k, v in out.items()}
-        out["kd_total"] = sum(out.values()) if out else self._zero()
+        with _no_autocast(device):
+            if self._dense:
+                s_head, t_head = self._dense_outputs(student_output, teacher_output)
+                if self.cfg.logits:
+                    out["kd_cls"] = self._head_term("kd_cls", LOGIT_METHODS[self.cfg.logits.method],
+                                                    self.cfg.logits, self.temperature(), s_head, t_head,
+                                                    box_targets, mult["kd_cls"], zero)
+                if self.cfg.boxes:
+                    out["kd_box"] = self._head_term("kd_box", BOX_METHODS[self.cfg.boxes.method], self.cfg.boxes,
+                                                    self.cfg.boxes.temperature, s_head, t_head, box_targets,
+                                                    mult["kd_box"], zero)
+            if self.cfg.features:
+                ctx = {"gt_boxes": gt_boxes, "gt_valid": gt_valid, "img_shape": img_shape}
+                total = zero
+                for i, (key, tap) in enumerate(zip(self._feature_keys(), self.cfg.features)):
+                    v = self._feature_term(i, tap, ctx, mult[key], zero)
+                    self.last_terms[key] = v.detach()
+                    total = total + v
+                out["kd_feat"] = total
+        total = zero
+        for k in keys:
+            total = total + out[k]
+        out["kd_total"] = total
         return out
 
-    def _feature_term(self, i: int, tap: FeatureTapConfig, ctx: dict) -> Tensor:
+    def _dense_outputs(self, student_output: Any, teacher_output: Any) -> tuple[DenseOutputs, DenseOutputs]:
+        if student_output is None:
+            name, sel = _split_name(self.head or MODEL_OUTPUT)
+            if name not in self._s_out:
+                raise ConfigError("logit/box distillation found no student head output: run the student inside "
+                                  "kd.record(), or pass student_output=")
+            student_output = _pick(self._s_out[name], sel, self.head or "<model output>")
+        if teacher_output is None:
+            if self.teacher_head:
+                name, sel = _split_name(self.teacher_head)
+                if name not in self._t_out:
+                    raise ConfigError(f"the teacher's head module '{name}' did not run in the teacher forward")
+                teacher_output = _pick(self._t_out[name], sel, self.teacher_head)
+            else:
+                teacher_output = self._t_result
+        s = _float_outputs(self.head_extractor(student_output), detach=False)
+        t = _float_outputs(self.teacher_head_extractor(teacher_output), detach=True)
+        return s, t
+
+    def _head_term(self, key: str, method, c, temperature: float, s: DenseOutputs, t: DenseOutputs,
+                   box_targets: Tensor | None, mult: float, zero: Tensor) -> Tensor:
+        if mult == 0.0:
+            v = zero
+        else:
+            v = method.loss(s, t, temperature=temperature, box_targets=box_targets, **c.options)
+            if v.numel() != 1:
+                raise ConfigError(f"distill.{'logits' if key == 'kd_cls' else 'boxes'}: the loss is not a scalar "
+                                  f"(shape {tuple(v.shape)}); do not set options.reduction to 'none'")
+            v = v.float().reshape(()) * mult
+        self.last_terms[key] = v.detach()
+        return v
+
+    def _feature_term(self, i: int, tap: FeatureTapConfig, ctx: dict, mult: float, zero: Tensor) -> Tensor:
+        if mult == 0.0:
+            return zero
         s_name, s_sel = _split_name(tap.student)
         t_name, t_sel = _split_name(tap.teacher)
         if s_name not in self._s_out:
             raise ConfigError(f"student tap '{tap.student}' recorded nothing: run the student inside kd.record()")
+        if FEATURE_METHODS[tap.method].needs_gt and (ctx["gt_boxes"] is None or ctx["img_shape"] is None):
+            raise ConfigError(
+                f"distill.features[{i}] ({tap.method} on '{tap.student}') needs the batch's ground-truth boxes: "
+                "pass gt_boxes= (N, M, 4) xyxy input pixels (or a list of (n_i, 4)), gt_valid= (N, M) and, unless "
+                "inputs is an (N, C, H, W) tensor, img_shape= (H, W)"
+            )
         s = _select(self._s_out[s_name], s_sel, tap.student).float()
-        t = _select(self._t_out[t_name], t_sel, tap.teacher).float().detach()
+        t = _select(self._t_out[t_name], t_sel, tap.teacher).detach().float()
         s = self.adapters[str(i)](s)
         if s.shape[-2:] != t.shape[-2:]:
             s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
-        w = self._mult(tap.schedule, tap.weight)
-        return self.feature_losses[str(i)](s, t, **ctx) * w
-
-    def _logit_term(self, s: DenseOutputs, t: DenseOutputs) -> Tensor:
-        c = self.cfg.logits
-        temp = c.temperature
-        if c.temperature_schedule is not None:
-            ts = c.temperature_schedule
-            temp = Schedule(ts.kind, ts.start, ts.end, ts.warmup_epochs, ts.stop_epoch)(self.epoch, self.total_epochs)
-        sc, tc = s.cls.float(), t.cls.float().detach()
-        if sc.shape != tc.shape:
-            raise ConfigError(f"distill.logits: student logits {tuple(sc.shape)} vs teacher {tuple(tc.shape)}; "
-                              "they must have the same anchors and classes")
-        opts = dict(c.options)
-        if opts.get("avg_factor") == "teacher_score":  # normalise like a detection loss: by the teacher's mass
-            opts["avg_factor"] = tc.sigmoid().amax(-1).sum().clamp(min=1.0)
-        if c.method == "kd":
-            v = kd_loss(sc.transpose(1, 2), tc.transpose(1, 2), temperature=temp, **opts)
-        else:
-            v = sigmoid_kd_loss(sc, tc, temperature=temp, **opts)
-        return v * self._mult(c.schedule, c.weight)
-
-    def _box_term(self, s: DenseOutputs, t: DenseOutputs, box_targets: Tensor | None) -> Tensor:
-        c = self.cfg.boxes
-        score = t.cls.detach().float().sigmoid().amax(-1)  # (N, A) teacher confidence
-        if c.method == "ld":
-            if s.box_dist is None or t.box_dist is None:
-                raise ConfigError("distill.boxes.method=ld needs DFL box distributions from both heads; use l1_giou")
-            sd, td = s.box_dist.float(), t.box_dist.float().detach()
-            if sd.shape != td.shape:
-                raise ConfigError(f"distill.boxes: student box distributions {tuple(sd.shape)} vs teacher "
-                                  f"{tuple(td.shape)} (reg_max or anchors differ); use l1_giou")
-            r = sd.shape[-1]
-            w = score.unsqueeze(-1).expand(*score.shape, 4).reshape(-1)
-            opts = {"avg_factor": w.sum().clamp(min=1.0), **c.options}
-            v = ld_loss(sd.reshape(-1, r), td.reshape(-1, r), temperature=c.temperature, weight=w, **opts)
-        elif c.method == "l1_giou":
-            if s.boxes is None or t.boxes is None:
-                raise ConfigError("distill.boxes.method=l1_giou needs decoded boxes from both heads")
-            v = box_kd_loss(s.boxes.float(), t.boxes.float().detach(), score, **c.options)
-        else:
-            if box_targets is None or s.boxes is None or t.boxes is None:
-                raise ConfigError("distill.boxes.method=bounded needs decoded boxes and box_targets= (N, A, 4)")
-            v = bounded_regression_loss(s.boxes.float(), t.boxes.float().detach(), box_targets.float(), **c.options)
-        return v * self._mult(c.schedule, c.weight)
+        return self.feature_losses[str(i)](s, t, **ctx).float().reshape(()) * mult

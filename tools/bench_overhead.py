@@ -14,7 +14,6 @@ and the overhead  detkd - (teacher + student)  as a fraction of a student step (
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -28,6 +27,7 @@ from ultralytics.cfg import get_cfg  # noqa: E402
 from ultralytics.nn.distill_model import DistillationModel  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 
+from detkd.bench.latency import cpu_model  # noqa: E402
 from detkd.integrations.ultralytics import KDDetectionModel  # noqa: E402
 
 RECIPES = {
@@ -35,16 +35,6 @@ RECIPES = {
             "boxes": {"method": "ld"}, "features": "auto", "feature_method": "cwd"},
     "fgd": {"logits": None, "boxes": None, "features": "auto", "feature_method": "fgd"},
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def make_batch(n: int, imgsz: int, nc: int, boxes_per_img: int = 8, seed: int = 0) -> dict:
@@ -132,7 +122,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rows.items()}
     p90 = {k: sorted(v)[int(0.9 * (len(v) - 1))] for k, v in rows.items()}
     print(f"# bench_overhead: teacher {a.teacher}, student {a.student}, imgsz {a.imgsz}, batch {a.batch}, "
-          f"recipe {a.recipe}, torch threads {torch.get_num_threads()}, CPU {cpu_name()}, torch {torch.__version__}")
+          f"recipe {a.recipe}, torch threads {torch.get_num_threads()}, CPU {cpu_model()}, torch {torch.__version__}")
     print(f"# median and p90 of {a.steps} steps after {a.warmup} warm-up steps")
     print(f"{'step':<10}{'median s':>10}{'p90 s':>10}")
     for k in rows:

@@ -252,6 +252,8 @@ def _jsonable(x: Any) -> Any:
         return int(x)
     if isinstance(x, np.bool_):
         return bool(x)
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
     return x
 
 

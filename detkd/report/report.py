@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from detkd.errors import ConfigError, DataError
-from detkd.eval.coco import STAT_NAMES
+from detkd.eval.coco import STAT_NAMES, _jsonable
 
 __all__ = ["ROLES", "ModelEntry", "build_report", "report_from_spec", "load_metrics", "read_results_csv", "model_info",
            "gap_closed"]
@@ -244,22 +244,6 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def _params_m(n: int | None) -> str:
     return MISSING if n is None else f"{n / 1e6:.2f}"
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, Path):
-        return str(x)
-    return x
 
 
 # ---------------------------------------------------------------------------------------------- content
