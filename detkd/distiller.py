@@ -97,13 +97,25 @@ def _float_outputs(d: DenseOutputs, detach: bool) -> DenseOutputs:
 
 
 class _Recorder:
-    """Picklable forward hook: stores a module's output in ``store[key]``."""
+    """Forward hook storing a module's output in ``store[key]``.
 
-    def __init__(self, store: dict, key: str):
+    It exists only inside ``record()`` / ``teacher_forward()``. A copy or pickle of a model taken while it is
+    registered (e.g. a deep copy inside the ``record()`` block) gets an inert recorder: no store, no captured
+    tensors, nothing recorded.
+    """
+
+    def __init__(self, store: dict | None, key: str):
         self.store, self.key = store, key
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        self.store[self.key] = output
+        if self.store is not None:
+            self.store[self.key] = output
+
+    def __deepcopy__(self, memo: dict) -> _Recorder:
+        return _Recorder(None, self.key)
+
+    def __reduce__(self):
+        return _Recorder, (None, self.key)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -126,10 +138,13 @@ def _split_name(name: str) -> tuple[str, str | None]:
 def _pick(out: Any, sel: str | None, name: str) -> Any:
     if sel is None:
         return out
+    if not isinstance(out, (list, tuple, dict)):
+        raise ConfigError(f"tap '{name}': the module output is a {type(out).__name__}, not a tuple/list/dict; "
+                          f"drop ':{sel}'")
     try:
-        if isinstance(out, (list, tuple)):
-            return out[int(sel)]
-        return out[sel]
+        if isinstance(out, dict):
+            return out[sel] if sel in out or not sel.isdigit() else out[int(sel)]
+        return out[int(sel)]
     except (IndexError, KeyError, ValueError, TypeError) as e:
         raise ConfigError(f"tap '{name}': cannot take element {sel!r} of a {type(out).__name__} output ({e})") from e
 

@@ -205,7 +205,7 @@ def probe_image(path: PathLike) -> ImageInfo:
                 orientation = int(im.getexif().get(274, 1) or 1)
             except Exception:  # broken EXIF block: the pixels may still be fine
                 orientation = 1
-    except UnidentifiedImageError:
+    except (UnidentifiedImageError, ImportError):  # ImportError: a registered opener (e.g. HEIF) lacks its module
         raise DataError(f"{p}: not a readable image (unknown or damaged file)") from None
     except Exception as e:  # PIL raises many types for damaged files (SyntaxError, OSError, struct.error, ...)
         raise DataError(f"{p}: damaged image ({type(e).__name__}: {e})") from None
