@@ -20,14 +20,6 @@ VERBS = {
 }
 
 
-def _not_ready(verb: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"detkd {verb}: not available in this version yet.", file=sys.stderr)
-        return 2
-
-    return run
-
-
 def _cmd_doctor(args: argparse.Namespace) -> int:
     import platform
 
@@ -81,6 +73,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from detkd.bench.run import bench, format_table
+
+    engines = ["pytorch", "onnxruntime"] if args.engine == "both" else [args.engine]
+    res = bench(args.models, imgsz=args.imgsz, threads=args.threads, batch_sizes=args.batch, runs=args.runs,
+                warmup=args.warmup, engines=engines, int8=args.int8, data=args.data, n_calib=args.calib,
+                evaluate=False if args.no_map else None, names=args.names, out_dir=args.out, isolate=not args.in_process)
+    print(format_table(res))
+    print(f"written: {args.out}/bench.json, bench.md (embed in a report with `bench: {args.out}/bench.json`)")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from detkd.demo import run_demo
 
@@ -123,8 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     for verb, help_ in VERBS.items():
-        sp = sub.add_parser(verb, help=help_, description=help_)
-        sp.set_defaults(func=_not_ready(verb))
+        sub.add_parser(verb, help=help_, description=help_)
     sub.choices["doctor"].set_defaults(func=_cmd_doctor)
 
     tr = sub.choices["train"]
@@ -149,6 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("spec", help="YAML listing the models (role, name, metrics json, weights, latency, results_csv)")
     rp.add_argument("--out", default=None, help="output folder (default: the spec's 'out' or report/ beside it)")
     rp.set_defaults(func=_cmd_report)
+
+    be = sub.choices["bench"]
+    be.add_argument("models", nargs="+", help="Ultralytics .pt and/or .onnx files (teacher first for its speed-ups)")
+    be.add_argument("--imgsz", type=int, default=640)
+    be.add_argument("--threads", type=int, default=1, help="CPU threads for every measurement (default 1)")
+    be.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes for throughput (default 1 8)")
+    be.add_argument("--runs", type=int, default=50, help="timed batch-1 runs (default 50)")
+    be.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs (default 10)")
+    be.add_argument("--engine", choices=["both", "pytorch", "onnxruntime"], default="both")
+    be.add_argument("--int8", action="store_true", help="add an onnxruntime static INT8 row (needs --data)")
+    be.add_argument("--data", default=None, help="dataset: INT8 calibration images and mAP of every row")
+    be.add_argument("--calib", type=int, default=300, help="INT8 calibration images (default 300)")
+    be.add_argument("--no-map", action="store_true", help="with --data, skip the mAP evaluation")
+    be.add_argument("--names", nargs="+", default=None, help="display names, one per model")
+    be.add_argument("--out", default="bench", help="output folder for bench.json / bench.md / exports")
+    be.add_argument("--in-process", action="store_true", help="measure in this process (peak memory is shared)")
+    be.set_defaults(func=_cmd_bench)
 
     de = sub.choices["demo"]
     g = de.add_mutually_exclusive_group()

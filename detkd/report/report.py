@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from detkd.bench.info import _count_gflops, model_info  # noqa: F401  (re-exported: report users import it here)
 from detkd.errors import ConfigError, DataError
 from detkd.eval.coco import STAT_NAMES, _jsonable
 
@@ -152,65 +153,6 @@ def read_results_csv(path: PathLike) -> dict[str, np.ndarray]:
             if h:
                 cols[h].append(_num(c.strip()) if c.strip() else float("nan"))
     return {h: np.asarray(v, dtype=np.float64) for h, v in cols.items()}
-
-
-def _count_gflops(model, imgsz: int) -> float:
-    """GFLOPs (2 x multiply-adds) of Conv2d / ConvTranspose2d / Linear layers in one forward pass of a
-    ``(1, 3, imgsz, imgsz)`` zero image — the layers that carry >99% of a YOLO's compute; used when
-    Ultralytics' thop-based `get_flops` is unavailable."""
-    import torch
-    from torch import nn
-
-    macs = [0]
-
-    def conv_hook(m, inp, out):
-        k = m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3]  # (C_in / groups) * kh * kw per output
-        if isinstance(m, nn.ConvTranspose2d):  # weight (C_in, C_out / groups, kh, kw): count per input element
-            macs[0] += inp[0].numel() * m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3]
-        else:
-            macs[0] += out.numel() * k
-
-    def linear_hook(m, inp, out):
-        macs[0] += out.numel() * m.in_features
-
-    convs = (nn.Conv2d, nn.ConvTranspose2d)
-    hooks = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, convs)]
-    hooks += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
-    try:
-        p = next(model.parameters())
-        was_training = model.training
-        model.eval()
-        with torch.inference_mode():
-            model(torch.zeros(1, 3, imgsz, imgsz, dtype=p.dtype, device=p.device))
-        model.train(was_training)
-    finally:
-        for h in hooks:
-            h.remove()
-    return 2.0 * macs[0] / 1e9
-
-
-def model_info(weights_path: PathLike, imgsz: int) -> dict:
-    """Parameters, GFLOPs at ``imgsz`` and file size (MB, 10^6 bytes) of an Ultralytics ``.pt``.
-
-    GFLOPs come from Ultralytics' `get_flops` (thop); when that returns 0 (thop missing or failing) a
-    forward-hook count of the conv / linear layers (`_count_gflops`) is used instead.
-    """
-    p = Path(weights_path)
-    if not p.is_file():
-        raise DataError(f"weights not found: {p}")
-    from detkd.integrations.ultralytics_env import ensure_ultralytics_offline
-
-    ensure_ultralytics_offline()
-    from ultralytics.nn.tasks import load_checkpoint
-    from ultralytics.utils.torch_utils import get_flops
-
-    model, _ = load_checkpoint(str(p))
-    model = model.float()
-    gflops = float(get_flops(model, imgsz))
-    if not gflops > 0:
-        gflops = _count_gflops(model, imgsz)
-    return {"params": int(sum(q.numel() for q in model.parameters())), "gflops": gflops,
-            "size_mb": p.stat().st_size / 1e6, "imgsz": int(imgsz)}  # fmt: skip
 
 
 def gap_closed(baseline: float, distilled: float, teacher: float) -> float:
@@ -496,10 +438,24 @@ def _md_table(cols: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1)
     return "\n".join(lines)
 
 
-def _markdown(title, head, models, rows, has_delta, figs, setup) -> str:
+def _bench_caption(bench: Mapping[str, Any]) -> str:
+    v = bench.get("versions") or {}
+    return (f"CPU: {bench['cpu']}, {bench['threads']} thread{'s' if bench['threads'] != 1 else ''}, imgsz "
+            f"{bench['imgsz']}, median (p50) and p95 of {bench['runs']} runs after {bench['warmup']} warm-up; "
+            f"{bench.get('what', '')}; torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}. "
+            "Eager: PyTorch FP32 (fused Conv+BN); ORT: onnxruntime; mAP in % on the validation set.")
+
+
+def _markdown(title, head, models, rows, has_delta, figs, setup, bench=None) -> str:
     out = [f"# {title}", "", f"> **{head['text']}**", ""]
     out += ["## Models", "", _md_table(_MODEL_COLS, _model_rows(models), left=2), "",
             "mAP columns in %, COCO box AP on the validation set. Size: checkpoint file, MB.", ""]  # fmt: skip
+    if bench:
+        from detkd.bench.run import table_rows
+
+        bh, br = table_rows(bench)
+        out += ["## CPU deployment (detkd bench)", "", _md_table(bh, br, left=3), "", _bench_caption(bench), ""]
+        out += [f"- {n}" for n in bench.get("notes", [])] + ([""] if bench.get("notes") else [])
     if rows:
         crow = _class_rows(models, rows, has_delta)
         for cells, r in zip(crow, rows):
@@ -611,7 +567,7 @@ def _cards(head: dict, models: Sequence[_Model]) -> str:
         for a, v, s in cards) + "</div>"  # fmt: skip
 
 
-def _html(title, dataset, head, models, rows, has_delta, figs, setup, out: Path) -> str:
+def _html(title, dataset, head, models, rows, has_delta, figs, setup, out: Path, bench=None) -> str:
     parts = [f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
              f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
              f"<title>{_h(title)}</title><style>{_CSS}</style></head><body><main>"]  # fmt: skip
@@ -625,6 +581,15 @@ def _html(title, dataset, head, models, rows, has_delta, figs, setup, out: Path)
     parts.append(_html_table(_MODEL_COLS, _model_rows(models), left=2, row_cls=[f"role-{m.role}" for m in models]))
     parts.append('<p class="fine">mAP columns in %, COCO box AP on the validation set; n/a: no ground truth in '
                  "that size range. Size: checkpoint file in MB. Latency: CPU, batch 1, per image.</p></section>")
+    if bench:
+        from detkd.bench.run import table_rows
+
+        bh, br = table_rows(bench)
+        parts.append('<section><h2>CPU deployment</h2><div class="scroll">' + _html_table(bh, br, left=3) + "</div>")
+        parts.append(f'<p class="fine">{_h(_bench_caption(bench))}</p>')
+        if bench.get("notes"):
+            parts.append("<ul>" + "".join(f"<li>{_h(n)}</li>" for n in bench["notes"]) + "</ul>")
+        parts.append("</section>")
 
     if rows:
         crow = _class_rows(models, rows, has_delta)
@@ -677,6 +642,7 @@ def report_from_spec(spec: PathLike, out_dir: PathLike | None = None) -> dict[st
           - {role: baseline, name: yolov8n, metrics: eval/b/metrics.json, results_csv: runs/b/results.csv,
              latency_ms: bench/b.json}          # a dict or a JSON file holding one
           - {role: distilled, name: yolov8n + KD, metrics: ..., params: 3157200, gflops: 8.7}
+        bench: bench/bench.json                 # optional: `detkd bench` output -> "CPU deployment" table
 
     Relative paths are taken from the spec's folder. Unknown keys are errors (with the valid ones listed).
     """
@@ -686,7 +652,7 @@ def report_from_spec(spec: PathLike, out_dir: PathLike | None = None) -> dict[st
     if not spec.is_file():
         raise ConfigError(f"report spec not found: {spec}")
     d = yaml.safe_load(spec.read_text()) or {}
-    top = {"title", "dataset", "notes", "imgsz", "out", "models", "max_plot_classes"}
+    top = {"title", "dataset", "notes", "imgsz", "out", "models", "max_plot_classes", "bench"}
     fields = {"role", "name", "metrics", "weights", "params", "gflops", "latency_ms", "results_csv", "size_mb"}
     bad = set(d) - top
     if bad:
@@ -716,12 +682,14 @@ def report_from_spec(spec: PathLike, out_dir: PathLike | None = None) -> dict[st
                                   latency_ms=lat, results_csv=path(m.get("results_csv")), size_mb=m.get("size_mb")))
     out = Path(out_dir) if out_dir is not None else Path(path(d.get("out", "report")))
     kw = {k: d[k] for k in ("title", "dataset", "notes", "imgsz", "max_plot_classes") if k in d}
+    if d.get("bench") is not None:
+        kw["bench"] = path(d["bench"])
     return build_report(entries, out, **kw)
 
 
 def build_report(models: Sequence[ModelEntry], out_dir: PathLike, *, title: str = "detkd report",
                  dataset: str | None = None, notes: str | None = None, imgsz: int | None = None,
-                 max_plot_classes: int = 24) -> dict[str, Path]:
+                 max_plot_classes: int = 24, bench: Mapping[str, Any] | PathLike | None = None) -> dict[str, Path]:
     """Write the before/after report for ``models`` into ``out_dir``.
 
     Args:
@@ -734,6 +702,9 @@ def build_report(models: Sequence[ModelEntry], out_dir: PathLike, *, title: str 
             `model_info` at this size (imports Ultralytics).
         max_plot_classes: the PR and bar plots show at most this many classes (those whose AP changed
             most); the table always lists every class.
+        bench: a `detkd bench` result (dict or ``bench.json`` path): shown as the "CPU deployment" table
+            (eager / ORT FP32 / ORT INT8 latency, throughput, memory, size, mAP) and stored in report.json.
+            Models without ``latency_ms`` take their PyTorch-eager latency from it (matched by weights path).
 
     Returns:
         ``{"md", "html", "json", <plot key>: png path, ...}``. Missing optional inputs (latency, logs,
@@ -747,6 +718,18 @@ def build_report(models: Sequence[ModelEntry], out_dir: PathLike, *, title: str 
         raise ConfigError(f"model names must be unique in a report; repeated: {dup}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if bench is not None and not isinstance(bench, Mapping):
+        bp = Path(bench)
+        if not bp.is_file():
+            raise DataError(f"bench result not found: {bp} (write one with `detkd bench ... --out DIR`)")
+        bench = json.loads(bp.read_text())
+    if bench is not None and not (isinstance(bench.get("rows"), list) and "cpu" in bench):
+        raise DataError("bench: not a `detkd bench` result (expected keys 'rows' and 'cpu')")
+    if bench is not None:
+        from detkd.bench.run import latency_entry
+
+        models = [m if m.latency_ms or not m.weights else
+                  ModelEntry(**{**m.__dict__, "latency_ms": latency_entry(bench, str(m.weights))}) for m in models]
 
     loaded: list[_Model] = []
     missing_logs: list[str] = []
@@ -778,8 +761,8 @@ def build_report(models: Sequence[ModelEntry], out_dir: PathLike, *, title: str 
     if missing_logs:
         setup.insert(-1, ("Missing", "training logs not found: " + "; ".join(missing_logs)))
 
-    md = _markdown(title, head, loaded, rows, has_delta, figs, setup)
-    page = _html(title, dataset, head, loaded, rows, has_delta, figs, setup, out)
+    md = _markdown(title, head, loaded, rows, has_delta, figs, setup, bench)
+    page = _html(title, dataset, head, loaded, rows, has_delta, figs, setup, out, bench)
     report = {
         "title": title, "dataset": dataset, "notes": notes,
         "headline": head,
@@ -792,6 +775,7 @@ def build_report(models: Sequence[ModelEntry], out_dir: PathLike, *, title: str 
         "per_class": rows,
         "plots": figs,
         "setup": dict(setup),
+        "bench": bench,
     }  # fmt: skip
     paths: dict[str, Path] = {}
     for key, name, text in (("md", "report.md", md), ("html", "report.html", page),
