@@ -10,6 +10,8 @@ A documented example is ``configs/distill_example.yaml``; in short::
         - {student: neck.p3, teacher: neck.p3, method: cwd, weight: 1.0, options: {tau: 1.0}}
         - {student: neck.p4, teacher: neck.p4, method: fgd, adapter: auto}
       stop_epoch: null          # from this epoch on: no distillation, no teacher forward
+      teacher_runtime:          # how the frozen teacher runs; see TeacherRuntimeConfig
+        {inference_mode: true, channels_last: false, fuse: false, half: auto, cache: false}
 
 Each term's contribution is ``weight * schedule(epoch, total_epochs) * loss``; ``schedule`` is a
 :class:`detkd.schedules.Schedule` mapping (``{kind: cosine, start: 1, end: 0.01, warmup_epochs: 0,
@@ -37,8 +39,8 @@ from typing import Any
 from detkd.errors import ConfigError
 from detkd.schedules import KINDS, Schedule
 
-__all__ = ["ADAPTERS", "ScheduleConfig", "LogitConfig", "BoxConfig", "FeatureTapConfig", "DistillConfig",
-           "load_config"]
+__all__ = ["ADAPTERS", "ScheduleConfig", "LogitConfig", "BoxConfig", "FeatureTapConfig", "TeacherRuntimeConfig",
+           "DistillConfig", "load_config"]
 
 ADAPTERS = ("auto", "conv", "conv_bn", "none")
 """``auto``: 1x1 conv + BN only where channels differ (and the method does not align them itself);
@@ -82,6 +84,54 @@ class FeatureTapConfig:
     schedule: Schedule | None = None
     options: dict = field(default_factory=dict)
     adapter: str = "auto"
+
+
+@dataclass
+class TeacherRuntimeConfig:
+    """How the frozen teacher runs (``distill.teacher_runtime``). The teacher forward dominates the cost of
+    distillation; these options make it cheaper without changing the distillation terms beyond float rounding.
+
+    Attributes:
+        inference_mode: run the teacher under ``torch.inference_mode()`` instead of ``torch.no_grad()``. The
+            teacher tensors the losses use are cloned out of inference mode where needed (autograd may not
+            save inference tensors), so the terms and gradients are unchanged. Default on.
+        channels_last: teacher weights and its 4-D input in ``torch.channels_last`` memory format.
+        fuse: fold each BatchNorm into the conv feeding it (:func:`detkd.distiller.fuse_conv_bn`): ``nn.Sequential``
+            neighbours and ``conv``/``bn`` (``conv1``/``bn1``, ...) attribute pairs whose BN input is that conv's
+            output in a probe forward. Tapped module names still resolve (a fused BN becomes ``nn.Identity``); a
+            tapped conv is left unfused. Changes the teacher module in place, once.
+        half: ``auto`` (default): on CUDA, when autocast is on at the teacher forward (AMP training), the
+            teacher's weights are cast to the autocast dtype (float16 under Ultralytics' AMP) and stay so;
+            otherwise float32 as given. ``true``: float16 on CUDA (an error for a CPU teacher). ``false``: never.
+            Never on CPU. The losses always receive float32 tensors.
+        cache: ``false`` (default) | ``true`` / ``memory`` | a directory. Per-sample teacher outputs keyed by
+            the sample id the caller passes (``teacher_forward(x, keys=...)``; the Ultralytics integration uses
+            image file names). ONLY VALID WHEN A SAMPLE'S TEACHER INPUT NEVER CHANGES: no random augmentation.
+            A directory keeps entries across runs, under a sub-folder named by a hash of the teacher's weights
+            and these settings.
+        cache_max_items / cache_max_bytes: bounds (None: unbounded; bytes may be given as ``"8GB"``,
+            ``"512MiB"``). Once full, new samples are not stored (no eviction: epochs visit every sample in
+            turn, where evicting the oldest entry would evict each one before its next use).
+        cache_offload: keep cached tensors in CPU memory (default) instead of on the teacher's device.
+        cache_verify: store a fingerprint of each sample's input (its shape and two float64 sums over a
+            strided subsample) and treat a changed input as a miss. Default on.
+        cache_force: integrations refuse ``cache`` while their random augmentations are on; this overrides.
+    """
+
+    inference_mode: bool = True
+    channels_last: bool = False
+    fuse: bool = False
+    half: str | bool = "auto"
+    cache: str | bool = False
+    cache_max_items: int | None = None
+    cache_max_bytes: int | None = 8 * 2**30
+    cache_offload: bool = True
+    cache_verify: bool = True
+    cache_force: bool = False
+
+    @property
+    def cache_enabled(self) -> bool:
+        return self.cache is not False
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -179,6 +229,67 @@ def _head(d: Any, klass, table: dict, where: str, src: str):
     return c
 
 
+def _bool(v: Any, where: str, src: str) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{src}{where}: expected true or false, got {type(v).__name__} {v!r}")
+    return v
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def _bytes(v: Any, where: str, src: str) -> int | None:
+    """None, a number of bytes, or a string such as ``8GB`` / ``512MiB`` / ``2.5G`` (single letters: binary)."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        import re
+
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", v)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise ConfigError(f"{src}{where}: cannot read {v!r} as a size; give bytes (e.g. 8000000000) or a "
+                              "number with a unit: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB")
+        return int(float(m.group(1)) * _UNITS[unit])
+    return int(_num(v, where, src))
+
+
+def _teacher_runtime(d: Any, where: str, src: str) -> TeacherRuntimeConfig:
+    if isinstance(d, TeacherRuntimeConfig):
+        d = dataclasses.asdict(d)
+    d = _check_keys({} if d is None else d, TeacherRuntimeConfig, where, src)
+    rt = TeacherRuntimeConfig()
+    for k in ("inference_mode", "channels_last", "fuse", "cache_offload", "cache_verify", "cache_force"):
+        if k in d:
+            setattr(rt, k, _bool(d[k], f"{where}.{k}", src))
+    half = d.get("half", rt.half)
+    if not (isinstance(half, bool) or half == "auto"):
+        raise ConfigError(f"{src}{where}.half: expected auto, true or false, got {half!r} (auto: float16 teacher "
+                          "on CUDA under autocast; never on CPU)")
+    rt.half = half
+    cache = d.get("cache", rt.cache)
+    if cache is None or cache is False:
+        cache = False
+    elif cache is True:
+        cache = "memory"
+    elif isinstance(cache, str) and cache.strip():
+        cache = cache.strip()
+        if cache != "memory" and "/" not in cache and difflib.get_close_matches(cache, ["memory"], cutoff=0.6):
+            raise ConfigError(f"{src}{where}.cache: {cache!r}: did you mean 'memory'? (a cache directory must "
+                              "be written as a path, e.g. ./teacher_cache)")
+    else:
+        raise ConfigError(f"{src}{where}.cache: expected false, true, memory or a directory path, got "
+                          f"{type(cache).__name__} {cache!r}")
+    rt.cache = cache
+    items = d.get("cache_max_items", rt.cache_max_items)
+    if items is not None and (isinstance(items, bool) or not isinstance(items, int) or items < 1):
+        raise ConfigError(f"{src}{where}.cache_max_items: expected null or an integer >= 1, got {items!r}")
+    rt.cache_max_items = items
+    rt.cache_max_bytes = _bytes(d.get("cache_max_bytes", rt.cache_max_bytes), f"{where}.cache_max_bytes", src)
+    return rt
+
+
 def _tap(d: Any, where: str, src: str) -> FeatureTapConfig:
     from detkd.losses.registry import FEATURE_METHODS
 
@@ -208,6 +319,7 @@ class DistillConfig:
     features: list[FeatureTapConfig] = field(default_factory=list)
     stop_epoch: float | None = None
     task_weight: float = 1.0
+    teacher_runtime: TeacherRuntimeConfig = field(default_factory=TeacherRuntimeConfig)
 
     @classmethod
     def from_dict(cls, d: dict | None, source: str | None = None) -> DistillConfig:
@@ -230,6 +342,7 @@ class DistillConfig:
             raise ConfigError(f"{src}distill.features: expected a list of taps "
                               f"({{student: name, teacher: name, method: ...}}), got {feats!r}")
         out.features = [_tap(f, f"distill.features[{i}]", src) for i, f in enumerate(feats)]
+        out.teacher_runtime = _teacher_runtime(d.get("teacher_runtime"), "distill.teacher_runtime", src)
         return out
 
     def to_dict(self) -> dict:

@@ -70,13 +70,22 @@ def _train(model_cfg: str, data: Path, out: Path, name: str, epochs: int, b: Bud
     return (best if best.exists() else run / "weights" / "last.pt"), run
 
 
+def _finished(results_csv: Path, epochs: int) -> bool:
+    """True when an earlier run of this stage logged all its epochs (an interrupted one is trained again)."""
+    if not results_csv.is_file():
+        return False
+    lines = [x for x in results_csv.read_text().splitlines()[1:] if x.strip()]
+    return len(lines) >= epochs
+
+
 def run_demo(out: str | Path = "detkd_demo", budget: str = "default", threads: int | None = None, seed: int = 0,
              skip_existing: bool = True) -> dict:
     from detkd.integrations.ultralytics_env import ensure_ultralytics_offline
 
     ensure_ultralytics_offline()
+    from detkd.bench.info import model_info
     from detkd.bench.latency import torch_latency
-    from detkd.report.report import model_info
+    from detkd.bench.run import bench, format_table, latency_entry
     from detkd.data.synth import generate
     from detkd.eval.run import evaluate_model
 
@@ -87,7 +96,7 @@ def run_demo(out: str | Path = "detkd_demo", budget: str = "default", threads: i
     t0 = time.time()
     data_dir = out / "data"
     if not (skip_existing and (data_dir / "data.yaml").exists()):
-        _say(f"1/6 generating the security-camera data: {b.n_train} train + {b.n_val} val frames at {b.imgsz} px")
+        _say(f"1/7 generating the security-camera data: {b.n_train} train + {b.n_val} val frames at {b.imgsz} px")
         generate(data_dir, seed=seed, n_train=b.n_train, n_val=b.n_val, imgsz=b.imgsz)
     data_yaml = data_dir / "data.yaml"
     runs = out / "runs"
@@ -96,11 +105,11 @@ def run_demo(out: str | Path = "detkd_demo", budget: str = "default", threads: i
 
     def stage(i: int, role: str, cfg: str, epochs: int, distill_yaml: Path | None = None) -> None:
         best = runs / role / "weights" / "best.pt"
-        if skip_existing and best.exists() and (runs / role / "results.csv").exists():
-            _say(f"{i}/6 {role}: reusing {best}")
+        if skip_existing and best.exists() and _finished(runs / role / "results.csv", epochs):
+            _say(f"{i}/7 {role}: reusing {best}")
             weights[role], logs[role] = best, runs / role / "results.csv"
             return
-        _say(f"{i}/6 training the {role} ({Path(cfg).name}, {epochs} epochs, {threads} threads)")
+        _say(f"{i}/7 training the {role} ({Path(cfg).name}, {epochs} epochs, {threads} threads)")
         weights[role], run = _train(cfg, data_yaml, runs, role, epochs, b, threads, seed, distill_yaml)
         logs[role] = run / "results.csv"
 
@@ -110,14 +119,22 @@ def run_demo(out: str | Path = "detkd_demo", budget: str = "default", threads: i
     kd_yaml.write_text(yaml.safe_dump({"teacher": str(weights["teacher"]), "distill": b.distill}, sort_keys=False))
     stage(4, "distilled", b.student, b.student_epochs, kd_yaml)
 
-    _say("5/6 evaluating all three on the validation frames (COCO mAP, pycocotools)")
+    _say("5/7 evaluating all three on the validation frames (COCO mAP, pycocotools)")
     metrics, info = {}, {}
     for role in ("teacher", "baseline", "distilled"):
         metrics[role] = evaluate_model(weights[role], data_yaml, split="val", imgsz=b.imgsz, out_dir=out / "eval" / role,
                                        threads=threads, progress=False)
         info[role] = model_info(weights[role], b.imgsz)
-        info[role]["latency_ms"] = torch_latency(weights[role], b.imgsz, threads=threads)
-    _say("6/6 writing the report")
+    _say(f"6/7 CPU inference of teacher and distilled student: PyTorch eager vs ONNX Runtime FP32 / INT8 "
+         f"({threads} threads, imgsz {b.imgsz})")
+    bres = bench([weights["teacher"], weights["distilled"]], names=["teacher", "distilled student"], imgsz=b.imgsz,
+                 threads=threads, batch_sizes=(1, 8), runs=30, warmup=5, int8=True, data=data_yaml,
+                 n_calib=min(300, b.n_train), out_dir=out / "bench")
+    print(format_table(bres), flush=True)
+    info["teacher"]["latency_ms"] = latency_entry(bres, "teacher")
+    info["distilled"]["latency_ms"] = latency_entry(bres, "distilled student")
+    info["baseline"]["latency_ms"] = torch_latency(weights["baseline"], b.imgsz, threads=threads)
+    _say("7/7 writing the report")
     from detkd.report.report import ModelEntry, build_report
 
     entries = [ModelEntry(role=role, name=f"{role} ({Path(BUDGETS[budget].teacher if role == 'teacher' else b.student).stem})",
@@ -127,16 +144,19 @@ def run_demo(out: str | Path = "detkd_demo", budget: str = "default", threads: i
                for role in ("teacher", "baseline", "distilled")]
     paths = build_report(entries, out / "report", title="detkd demo: security-camera detector distillation",
                          dataset=f"built-in security-camera scenes, {b.n_train} train / {b.n_val} val frames at {b.imgsz} px, seed {seed}",
-                         notes=f"budget '{budget}', {threads} CPU threads, {time.time() - t0:.0f} s end to end")
+                         notes=f"budget '{budget}', {threads} CPU threads, {time.time() - t0:.0f} s end to end",
+                         bench=bres)
     s, k, t = (metrics[r]["AP"] * 100 for r in ("baseline", "distilled", "teacher"))
     gap = (k - s) / (t - s) * 100 if t > s else float("nan")
-    ls, lk = info["baseline"]["latency_ms"]["p50"], info["teacher"]["latency_ms"]["p50"]
+    ls, lk = info["distilled"]["latency_ms"]["p50"], info["teacher"]["latency_ms"]["p50"]
+    q = latency_entry(bres, "distilled student", engine="onnxruntime", precision="int8")
     headline = (f"student mAP50-95 {s:.1f} -> {k:.1f} ({k - s:+.1f}), teacher {t:.1f}, gap closed "
-                f"{'n/a' if gap != gap else f'{gap:.0f}%'}, CPU latency {ls:.1f} ms (student) vs {lk:.1f} ms (teacher), "
-                f"{threads} threads, imgsz {b.imgsz}")
+                f"{'n/a' if gap != gap else f'{gap:.0f}%'}, CPU latency {ls:.1f} ms (student) vs {lk:.1f} ms (teacher)"
+                + (f", {q['p50']:.1f} ms student INT8 ONNX" if q else "") + f", {threads} threads, imgsz {b.imgsz}")
     summary = {"headline": headline, "budget": asdict(b), "metrics": {r: {x: metrics[r][x] for x in ("AP", "AP50", "AP75")}
                                                                        for r in metrics},
-               "info": info, "report": {k2: str(v) for k2, v in paths.items()}, "seconds": time.time() - t0}
+               "info": info, "report": {k2: str(v) for k2, v in paths.items()}, "seconds": time.time() - t0,
+               "bench": str(out / "bench" / "bench.json")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     _say(f"report: {paths.get('html', out / 'report')}")
     _say(headline)

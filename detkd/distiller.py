@@ -31,16 +31,27 @@ What the Distiller owns:
   on) the teacher forward is skipped too.
 
 The teacher is frozen (``requires_grad=False``), kept in eval mode whatever ``train()`` is called, run under
-``torch.no_grad()``, and held unregistered: ``parameters()`` / ``state_dict()`` contain only the adapters and
-learnable loss modules (MGD generators, FGD blocks); ``kd.to(device)`` moves only those. Losses are computed
-in float32 with autocast disabled. ``copy.deepcopy`` shares the frozen teacher between copies (Ultralytics'
-EMA deep-copies models); ``pickle`` includes it (DDP workers need it).
+``torch.inference_mode()`` (``torch.no_grad()`` with ``teacher_runtime.inference_mode: false``), and held
+unregistered: ``parameters()`` / ``state_dict()`` contain only the adapters and learnable loss modules (MGD
+generators, FGD blocks); ``kd.to(device)`` moves only those. Losses are computed in float32 with autocast
+disabled. ``copy.deepcopy`` shares the frozen teacher between copies (Ultralytics' EMA deep-copies models);
+``pickle`` includes it (DDP workers need it).
+
+**Teacher cost** (``config.teacher_runtime``, :class:`~detkd.config.TeacherRuntimeConfig`): ``inference_mode``,
+``channels_last``, ``fuse`` (:func:`fuse_conv_bn`, once, in place), ``half`` (CUDA only) change how the teacher
+runs, not what the losses see (float32, equal up to rounding). ``cache`` keeps each sample's teacher tensors
+(the selected teacher taps and the teacher's :class:`DenseOutputs`) in a :class:`TeacherCache` keyed by the ids
+passed as ``teacher_forward(x, keys=...)`` / ``kd(x, teacher_keys=...)``: when every sample of a batch is cached
+the teacher does not run; otherwise it runs on the missing samples only. This is only valid when a sample's
+teacher input never changes (no random augmentation); ``cache_verify`` (default on) fingerprints each input
+and treats a changed one as a miss. ``teacher_forwards``, ``cache_hits`` and ``cache_misses`` count the work.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -52,8 +63,20 @@ from detkd.config import DistillConfig, FeatureTapConfig, load_config
 from detkd.errors import ConfigError
 from detkd.losses.registry import BOX_METHODS, FEATURE_METHODS, LOGIT_METHODS
 from detkd.schedules import Schedule
+from detkd.teacher_runtime import (  # noqa: F401  (fuse_conv_bn, TeacherCache: re-exported)
+    TeacherCache,
+    _call,
+    _first_tensor,
+    _fingerprint,
+    _fp_match,
+    _no_autocast,
+    _split_name,
+    _take,
+    _teacher_inputs,
+    fuse_conv_bn,
+)
 
-__all__ = ["Distiller", "DenseOutputs", "default_head_extractor"]
+__all__ = ["Distiller", "DenseOutputs", "default_head_extractor", "fuse_conv_bn", "TeacherCache"]
 
 MODEL_OUTPUT = ""  # the root module's name in named_modules(): its hook records the model output
 
@@ -86,14 +109,34 @@ def default_head_extractor(out: Any) -> DenseOutputs:
     )
 
 
+def _normal(x: Tensor) -> Tensor:
+    """``x``, or a clone of it when it is an inference tensor (autograd may not save those for backward)."""
+    return x.clone() if x.is_inference() else x
+
+
 def _float_outputs(d: DenseOutputs, detach: bool) -> DenseOutputs:
     def f(x: Tensor | None) -> Tensor | None:
         if x is None:
             return None
         x = x.detach() if detach else x
-        return x.float()
+        return _normal(x.float())
 
     return DenseOutputs(f(d.cls), f(d.box_dist), f(d.boxes))
+
+
+_DENSE_FIELDS = ("cls", "box_dist", "boxes")
+
+
+def _float_tree(x: Any) -> Any:
+    """float16 / bfloat16 tensors of a (tuple / list / dict) output as float32, so a head extractor decodes a
+    half-precision teacher's output in float32 (box coordinates in float16 have 0.5 px steps above 512 px)."""
+    if isinstance(x, Tensor):
+        return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    if isinstance(x, dict):
+        return {k: _float_tree(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+        return type(x)(_float_tree(v) for v in x)
+    return x
 
 
 class _Recorder:
@@ -127,12 +170,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def _split_name(name: str) -> tuple[str, str | None]:
-    """``'neck.p3:0'`` -> ``('neck.p3', '0')``; ``'neck.p3'`` -> ``('neck.p3', None)``."""
-    mod, _, sel = name.partition(":")
-    return mod, (sel or None)
 
 
 def _pick(out: Any, sel: str | None, name: str) -> Any:
@@ -169,23 +206,12 @@ def _find_module(model: nn.Module, name: str, role: str) -> nn.Module:
     return mods[name]
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
-    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
-
-
 def _image_shape(inputs: Any) -> tuple[int, int] | None:
     if isinstance(inputs, (tuple, list)) and inputs:
         inputs = inputs[0]
     if isinstance(inputs, Tensor) and inputs.dim() == 4:
         return int(inputs.shape[-2]), int(inputs.shape[-1])
     return None
-
-
-def _no_autocast(device: torch.device):
-    try:
-        return torch.autocast(device_type=device.type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know
-        return contextlib.nullcontext()
 
 
 class Distiller(nn.Module):
@@ -204,7 +230,7 @@ class Distiller(nn.Module):
         teacher_head_extractor: the same for the teacher (default: ``head_extractor``).
     """
 
-    _TRANSIENT = ("_s_out", "_t_out", "_t_result", "_t_ran", "last_terms")
+    _TRANSIENT = ("_s_out", "_t_out", "_t_result", "_t_ran", "_t_taps", "_t_dense", "last_terms")
 
     def __init__(
         self,
@@ -229,6 +255,9 @@ class Distiller(nn.Module):
         self.epoch: float = 0.0
         self.total_epochs: float | None = None
         self.teacher_forwards = 0  # how many times the teacher ran (not counting the construction probe)
+        self.cache_hits = self.cache_misses = 0  # samples served from / missing in the teacher cache
+        self._fused_teacher: int | None = None  # id() of the teacher already fused (teacher_runtime.fuse)
+        self.teacher_cache = self._new_cache()
         self._reset()
         self.last_terms: dict[str, Tensor] = {}
         self._freeze_teacher()
@@ -264,8 +293,17 @@ class Distiller(nn.Module):
 
     @teacher.setter
     def teacher(self, value: nn.Module | None) -> None:
+        if value is not None and value is not self.__dict__.get("_teacher"):
+            self._fused_teacher = None
+            self.teacher_cache = self._new_cache()  # a new cache: copies may still share the old one
         self.__dict__["_teacher"] = value
         self._freeze_teacher()
+
+    def _new_cache(self) -> TeacherCache | None:
+        rt = self.cfg.teacher_runtime
+        if not rt.cache_enabled:
+            return None
+        return TeacherCache(rt.cache, rt.cache_max_items, rt.cache_max_bytes, rt.cache_offload)
 
     def _freeze_teacher(self) -> None:
         t = self.teacher
@@ -284,6 +322,8 @@ class Distiller(nn.Module):
         self._t_out: dict[str, Any] = {}
         self._t_result: Any = None
         self._t_ran = False
+        self._t_taps: dict[str, Tensor] = {}  # teacher taps by tap name, when they came through the cache
+        self._t_dense: DenseOutputs | None = None  # the teacher's dense outputs, likewise
 
     def __deepcopy__(self, memo: dict) -> Distiller:
         t = self.teacher
@@ -300,7 +340,7 @@ class Distiller(nn.Module):
 
     def __getstate__(self) -> dict:
         state = {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
-        state.update(_s_out={}, _t_out={}, _t_result=None, _t_ran=False, last_terms={})
+        state.update(_s_out={}, _t_out={}, _t_result=None, _t_ran=False, _t_taps={}, _t_dense=None, last_terms={})
         return state
 
     # -- progress ----------------------------------------------------------------------------------------------
@@ -389,22 +429,161 @@ class Distiller(nn.Module):
                          "student"):
             yield self
 
-    def teacher_forward(self, inputs: Any) -> Any:
-        """Run the frozen teacher on ``inputs`` (no grad, eval mode), recording its taps; returns its output.
+    def teacher_forward(self, inputs: Any, keys: Any = None) -> Any:
+        """Run the frozen teacher on ``inputs`` (eval mode, no grad), recording its taps; returns its output.
 
         Call it yourself to run the teacher at a chosen point (e.g. on other inputs); ``forward`` then uses
-        what it recorded instead of running the teacher again.
+        what it recorded instead of running the teacher again. With ``teacher_runtime.inference_mode`` (the
+        default) the returned tensors are inference tensors: ``clone()`` them before any autograd use.
+
+        ``keys``: one id per sample (e.g. image file names), used when ``teacher_runtime.cache`` is on: cached
+        samples are not recomputed and the teacher runs only on the missing ones. Returns None when any sample
+        came from the cache. Valid only if a key's teacher input never changes (see the module docstring).
         """
         t = self.teacher
         if t is None:
             raise ConfigError("this Distiller has no teacher (it was dropped, e.g. on an EMA copy)")
         self._freeze_teacher()
+        if keys is None or self.teacher_cache is None:
+            return self._run_teacher(t, inputs)
+        return self._cached_teacher_forward(t, inputs, keys)
+
+    def _run_teacher(self, t: nn.Module, inputs: Any) -> Any:
+        rt = self.cfg.teacher_runtime
+        dtype = self._prepare_teacher(t, inputs)
+        x = _teacher_inputs(inputs, dtype, rt.channels_last)
+        grad = torch.inference_mode() if rt.inference_mode else torch.no_grad()
+        amp = torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
         self._t_out.clear()
-        with torch.no_grad(), self._hooks(t, self._teacher_names(), self._t_out, "teacher"):
-            out = _call(t, inputs)
+        self._t_taps, self._t_dense = {}, None
+        with grad, amp, self._hooks(t, self._teacher_names(), self._t_out, "teacher"):
+            out = _call(t, x)
         self._t_result, self._t_ran = out, True
         self.teacher_forwards += 1
         return out
+
+    def _prepare_teacher(self, t: nn.Module, inputs: Any) -> torch.dtype | None:
+        """Apply fuse / half / channels_last to the teacher (each only when not yet done); returns the
+        reduced-precision dtype it runs in on CUDA, or None."""
+        rt = self.cfg.teacher_runtime
+        p = next(iter(t.parameters()), None)
+        if p is None:
+            return None
+        if rt.fuse and self._fused_teacher != id(t):
+            low = p.dtype if p.dtype in (torch.float16, torch.bfloat16) else None  # a teacher already in half
+            fuse_conv_bn(t, _teacher_inputs(inputs, low, False), keep=self._teacher_names())
+            self._fused_teacher = id(t)
+            self._freeze_teacher()
+        if p.device.type != "cuda":
+            if rt.half is True:
+                raise ConfigError(f"teacher_runtime.half: true needs the teacher on a CUDA device; it is on "
+                                  f"{p.device}. Use half: auto (float16 on CUDA only) or false")
+        elif p.dtype == torch.float32:
+            if rt.half is True:
+                t.half()
+            elif rt.half == "auto" and torch.is_autocast_enabled("cuda"):
+                t.to(torch.get_autocast_dtype("cuda"))
+        if rt.channels_last:
+            w = next((q for q in t.parameters() if q.dim() == 4), None)
+            if w is not None and not w.is_contiguous(memory_format=torch.channels_last):
+                t.to(memory_format=torch.channels_last)
+        p = next(iter(t.parameters()))  # as converted
+        low = p.dtype in (torch.float16, torch.bfloat16) and p.device.type == "cuda"
+        return p.dtype if low else None
+
+    # -- the teacher cache -------------------------------------------------------------------------------------
+    def _cached_teacher_forward(self, t: nn.Module, inputs: Any, keys: Any) -> Any:
+        cache, rt = self.teacher_cache, self.cfg.teacher_runtime
+        x0 = _first_tensor(inputs)
+        keys = [str(k) for k in keys]
+        if x0 is None or x0.dim() == 0 or len(keys) != x0.shape[0]:
+            raise ConfigError(f"teacher_runtime.cache: got {len(keys)} keys for a batch of "
+                              f"{'no tensor' if x0 is None or x0.dim() == 0 else x0.shape[0]}; pass one key per "
+                              "sample (e.g. its image file name)")
+        n, shape = len(keys), list(x0.shape[1:])
+        if cache.on_disk and cache.namespace is None:
+            self._prepare_teacher(t, inputs)  # the namespace hashes the teacher as it will run
+            cache.bind(self._cache_namespace(t))
+        fps = _fingerprint(x0).cpu() if rt.cache_verify else None
+        recs: list[dict | None] = []
+        for i, k in enumerate(keys):
+            e = cache.get(k)
+            ok = e is not None and e["shape"] == shape and (fps is None or (e["fp"] is not None
+                                                                         and _fp_match(e["fp"], fps[i])))
+            recs.append(e["t"] if ok else None)
+        miss = [i for i, r in enumerate(recs) if r is None]
+        self.cache_hits += n - len(miss)
+        self.cache_misses += len(miss)
+        out = None
+        if miss:
+            sub = inputs if len(miss) == n else _take(inputs, torch.tensor(miss), n)
+            out = self._run_teacher(t, sub)
+            for i, rec in zip(miss, self._split_record(len(miss))):
+                recs[i] = rec
+                cache.put(keys[i], rec, shape, None if fps is None else fps[i])
+            if len(miss) == n:  # the live recording is the whole batch: use it as it is
+                return out
+        self._use_records(recs, next(iter(t.parameters()), x0).device)
+        return None
+
+    def _teacher_tap(self, name: str) -> Tensor:
+        if name in self._t_taps:
+            return self._t_taps[name]
+        mod, sel = _split_name(name)
+        if mod not in self._t_out:
+            raise ConfigError(f"teacher tap '{name}' recorded nothing in the teacher forward")
+        return _select(self._t_out[mod], sel, name)
+
+    def _teacher_head_output(self) -> Any:
+        if self.teacher_head:
+            name, sel = _split_name(self.teacher_head)
+            if name not in self._t_out:
+                raise ConfigError(f"the teacher's head module '{name}' did not run in the teacher forward")
+            return _pick(self._t_out[name], sel, self.teacher_head)
+        return self._t_result
+
+    def _split_record(self, n: int) -> list[dict[str, Tensor]]:
+        """The just-recorded teacher tensors the losses need (selected taps, dense outputs), one dict per
+        sample, each tensor an own copy (CPU when offloading)."""
+        batch = {f"tap:{name}": self._teacher_tap(name) for name in dict.fromkeys(x.teacher for x in self.cfg.features)}
+        if self._dense:
+            d = self.teacher_head_extractor(_float_tree(self._teacher_head_output()))
+            batch.update({f: getattr(d, f) for f in _DENSE_FIELDS if getattr(d, f) is not None})
+        per: list[dict[str, Tensor]] = [{} for _ in range(n)]
+        to_cpu = self.teacher_cache.offload or self.teacher_cache.on_disk
+        for name, v in batch.items():
+            if v.dim() == 0 or v.shape[0] != n:
+                raise ConfigError(f"teacher_runtime.cache: teacher tensor '{name}' has shape {tuple(v.shape)}, not "
+                                  f"batch-first with {n} samples; it cannot be cached per sample (cache: false)")
+            v = v.detach().to("cpu") if to_cpu else v.detach()
+            for i, row in enumerate(v.unbind(0)):
+                per[i][name] = row.clone()
+        return per
+
+    def _use_records(self, recs: list[dict[str, Tensor]], device: torch.device) -> None:
+        names = list(recs[0])
+        if any(list(r) != names for r in recs):
+            raise ConfigError("teacher_runtime.cache: cached entries hold different tensors than this config needs; "
+                              "clear the cache directory")
+        stacked = {k: torch.stack([r[k] for r in recs]).to(device, non_blocking=True) for k in names}
+        self._t_out.clear()
+        self._t_result = None
+        self._t_taps = {k[4:]: v for k, v in stacked.items() if k.startswith("tap:")}
+        self._t_dense = DenseOutputs(**{f: stacked[f] for f in _DENSE_FIELDS if f in stacked}) if self._dense else None
+        self._t_ran = True
+
+    def _cache_namespace(self, t: nn.Module) -> str:
+        """Hash of the teacher's state (as it runs), its taps and the settings that change its numbers."""
+        h = hashlib.sha1()
+        for k, v in t.state_dict().items():
+            v = v.detach().cpu().contiguous()
+            h.update(f"{k}:{tuple(v.shape)}:{v.dtype}".encode())
+            h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+        rt = self.cfg.teacher_runtime
+        ext = self.teacher_head_extractor
+        h.update(repr((sorted(self._teacher_names()), self._dense, self.teacher_head, type(ext).__qualname__,
+                       getattr(ext, "__qualname__", ""), rt.channels_last, rt.fuse, str(rt.half))).encode())
+        return h.hexdigest()[:16]
 
     # -- construction ----------------------------------------------------------------------------------------
     def _build(self, example_inputs: Any) -> None:
@@ -470,6 +649,7 @@ class Distiller(nn.Module):
         box_targets: Tensor | None = None,
         epoch: float | None = None,
         total_epochs: float | None = None,
+        teacher_keys: Any = None,
     ) -> dict[str, Tensor]:
         """The weighted distillation terms of this step.
 
@@ -482,6 +662,8 @@ class Distiller(nn.Module):
                 needed by FGD. ``img_shape (H, W)`` defaults to the size of a 4-D ``inputs`` tensor.
             box_targets: ``(N, A, 4)`` regression targets, for the ``bounded`` box method.
             epoch, total_epochs: shortcut for :meth:`set_progress`.
+            teacher_keys: one id per sample for the teacher cache (``teacher_runtime.cache``); see
+                :meth:`teacher_forward`.
 
         Returns:
             ``{'kd_cls', 'kd_box', 'kd_feat'`` (the configured ones) ``, 'kd_total'}``, 0-dim float32 tensors.
@@ -491,7 +673,7 @@ class Distiller(nn.Module):
             self.set_progress(epoch, total_epochs)
         try:
             return self._terms(inputs, teacher_inputs, student_output, teacher_output, gt_boxes, gt_valid,
-                               img_shape, box_targets)
+                               img_shape, box_targets, teacher_keys)
         finally:
             self._reset()
 
@@ -503,7 +685,7 @@ class Distiller(nn.Module):
         return torch.device("cpu")
 
     def _terms(self, inputs, teacher_inputs, student_output, teacher_output, gt_boxes, gt_valid, img_shape,
-               box_targets) -> dict[str, Tensor]:
+               box_targets, teacher_keys=None) -> dict[str, Tensor]:
         mult = self.multipliers()
         keys = [k for k, on in (("kd_cls", self.cfg.logits), ("kd_box", self.cfg.boxes),
                                 ("kd_feat", self.cfg.features)) if on]
@@ -521,7 +703,7 @@ class Distiller(nn.Module):
             src = teacher_inputs if teacher_inputs is not None else inputs
             if src is None:
                 raise ConfigError("the Distiller needs the batch inputs to run the teacher: kd(images, ...)")
-            self.teacher_forward(src)
+            self.teacher_forward(src, keys=teacher_keys)
         if img_shape is None:
             img_shape = _image_shape(inputs) or _image_shape(teacher_inputs)
 
@@ -558,16 +740,12 @@ class Distiller(nn.Module):
                 raise ConfigError("logit/box distillation found no student head output: run the student inside "
                                   "kd.record(), or pass student_output=")
             student_output = _pick(self._s_out[name], sel, self.head or "<model output>")
-        if teacher_output is None:
-            if self.teacher_head:
-                name, sel = _split_name(self.teacher_head)
-                if name not in self._t_out:
-                    raise ConfigError(f"the teacher's head module '{name}' did not run in the teacher forward")
-                teacher_output = _pick(self._t_out[name], sel, self.teacher_head)
-            else:
-                teacher_output = self._t_result
         s = _float_outputs(self.head_extractor(student_output), detach=False)
-        t = _float_outputs(self.teacher_head_extractor(teacher_output), detach=True)
+        if teacher_output is None and self._t_dense is not None:  # from the teacher cache
+            return s, _float_outputs(self._t_dense, detach=True)
+        if teacher_output is None:
+            teacher_output = self._teacher_head_output()
+        t = _float_outputs(self.teacher_head_extractor(_float_tree(teacher_output)), detach=True)
         return s, t
 
     def _head_term(self, key: str, method, c, temperature: float, s: DenseOutputs, t: DenseOutputs,
@@ -587,7 +765,6 @@ class Distiller(nn.Module):
         if mult == 0.0:
             return zero
         s_name, s_sel = _split_name(tap.student)
-        t_name, t_sel = _split_name(tap.teacher)
         if s_name not in self._s_out:
             raise ConfigError(f"student tap '{tap.student}' recorded nothing: run the student inside kd.record()")
         if FEATURE_METHODS[tap.method].needs_gt and (ctx["gt_boxes"] is None or ctx["img_shape"] is None):
@@ -597,7 +774,7 @@ class Distiller(nn.Module):
                 "inputs is an (N, C, H, W) tensor, img_shape= (H, W)"
             )
         s = _select(self._s_out[s_name], s_sel, tap.student).float()
-        t = _select(self._t_out[t_name], t_sel, tap.teacher).detach().float()
+        t = _normal(self._teacher_tap(tap.teacher).detach().float())
         s = self.adapters[str(i)](s)
         if s.shape[-2:] != t.shape[-2:]:
             s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)

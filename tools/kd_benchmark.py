@@ -9,7 +9,7 @@ every seed.
   python tools/kd_benchmark.py --budget full --seeds 0 1 2 --out runs/kd_benchmark
   python tools/kd_benchmark.py --budget default --seeds 0 --rows baseline ultralytics all   # a short run
 
-Stages whose best.pt already exists are reused, so an interrupted benchmark continues where it stopped.
+Stages that already logged all their epochs are reused, so an interrupted benchmark continues where it stopped.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from detkd.integrations.ultralytics_env import ensure_ultralytics_offline
 
 ensure_ultralytics_offline()
 
-from detkd.demo import BUDGETS, DISTILL, _train  # noqa: E402
+from detkd.demo import BUDGETS, DISTILL, _finished, _train  # noqa: E402
 
 FEATURES = ("fitnet", "cwd", "pkd", "at", "mgd", "fgd")
 
@@ -61,7 +61,7 @@ def main() -> None:
         generate(out / "data", seed=0, n_train=b.n_train, n_val=b.n_val, imgsz=b.imgsz)
     rows = a.rows or ["teacher", *recipes()]
     teacher, _ = (out / "runs" / "teacher" / "weights" / "best.pt", None)
-    if not teacher.exists():
+    if not (teacher.exists() and _finished(teacher.parents[1] / "results.csv", b.teacher_epochs)):
         teacher, _ = _train(b.teacher, data_yaml, out / "runs", "teacher", b.teacher_epochs, b, a.threads, 0)
     results: dict[str, list[dict]] = {}
 
@@ -78,7 +78,7 @@ def main() -> None:
         for seed in a.seeds:
             tag = f"{name}_s{seed}"
             best = out / "runs" / tag / "weights" / "best.pt"
-            if not best.exists():
+            if not (best.exists() and _finished(best.parents[1] / "results.csv", b.student_epochs)):
                 if name == "ultralytics":  # Ultralytics' own feature KD: distill_model=<teacher .pt>
                     import torch
 

@@ -82,7 +82,7 @@ def onnx_info(path: PathLike, imgsz: int) -> dict:
     """
     import numpy as np
     import onnx
-    from onnx import numpy_helper, shape_inference
+    from onnx import shape_inference
 
     p = Path(path)
     if not p.is_file():

@@ -192,9 +192,10 @@ def bench(
             if "mAP50_95" in r and "mAP50_95" in fp32:
                 drop = fp32["mAP50_95"] - r["mAP50_95"]
                 r["int8_drop"] = drop
-                kept = (r.get("quantization") or {}).get("excluded_nodes") or []
-                kept_txt = f"{len(kept)} node(s) were left in FP32 ({', '.join(kept[:8])}{', ...' if len(kept) > 8 else ''})" \
-                    if kept else "no node was left in FP32"  # fmt: skip
+                qz = r.get("quantization") or {}
+                kept = qz.get("excluded_nodes") or []
+                kept_txt = (f"{len(kept)} node(s) of the detection head's box decoding were left in FP32 "
+                            f"({qz.get('excluded_summary') or ', '.join(kept[:8])})") if kept else "no node was left in FP32"
                 if drop > INT8_MAX_DROP:
                     notes.append(f"{r['model']}: INT8 loses {drop:.1f} mAP50-95 points against FP32 ONNX "
                                  f"(more than {INT8_MAX_DROP:.1f}); {kept_txt}. Leave more of the head in FP32 or "

@@ -18,9 +18,13 @@ handed to DDP workers, which rebuild the trainer from its class and args.
 How it hooks in: ``DistillTrainer.get_model`` returns a :class:`KDDetectionModel`, a subclass of Ultralytics'
 ``DistillationModel`` so that every place Ultralytics special-cases distillation (frozen teacher, EMA without the
 teacher, class weights on the student, resume) treats it as one. Its ``loss()`` runs the student with detkd's
-feature taps recording, the frozen teacher under ``no_grad``, Ultralytics' detection loss, and the
+feature taps recording, the frozen teacher without gradients, Ultralytics' detection loss, and the
 :class:`~detkd.distiller.Distiller`, and returns each distillation term as its own loss item (``kd_cls``,
 ``kd_box``, ``kd_feat``), so they show in the progress bar and ``results.csv``.
+
+Teacher cost options (``distill.teacher_runtime``: inference_mode, channels_last, fuse, half, cache) are applied by
+the Distiller; here the image file names (``batch['im_file']``) are the cache keys, and :func:`check_teacher_cache`
+refuses the cache while random augmentations are on.
 
 Checkpoints (``last.pt``, ``best.pt``) hold the plain student ``DetectionModel`` only: they load with plain
 Ultralytics (``yolo predict``, ``yolo export``) where detkd is not installed. The distillation state needed to
@@ -62,6 +66,7 @@ __all__ = [
     "check_compatible",
     "detect_layer",
     "yolo_gt_boxes",
+    "check_teacher_cache",
 ]
 
 KD_TERMS = ("kd_cls", "kd_box", "kd_feat")
@@ -145,6 +150,50 @@ def check_compatible(student: nn.Module, teacher: nn.Module, cfg: DistillConfig)
         )
     if cfg.boxes is not None and cfg.boxes.method == "ld" and s_det.reg_max <= 1:
         raise ConfigError("distill.boxes.method=ld needs a DFL head (reg_max > 1); this student has reg_max 1: use l1_giou")
+
+
+# Ultralytics train arguments that change a sample's pixels at random (or the batch's size), with their "off" value.
+RANDOM_AUGMENTATIONS = {"mosaic": 0.0, "mixup": 0.0, "cutmix": 0.0, "copy_paste": 0.0, "hsv_h": 0.0, "hsv_s": 0.0,
+                        "hsv_v": 0.0, "degrees": 0.0, "translate": 0.0, "scale": 0.0, "shear": 0.0, "perspective": 0.0,
+                        "flipud": 0.0, "fliplr": 0.0, "bgr": 0.0, "multi_scale": 0.0}
+
+
+def check_teacher_cache(args: Any, cfg: DistillConfig) -> None:
+    """Refuse ``teacher_runtime.cache`` while Ultralytics' random augmentations are on (one clear ConfigError).
+
+    Cached teacher outputs are only valid when an image's teacher input never changes. ``cache_force: true``
+    accepts anyway (with ``cache_verify``, changed inputs are then recomputed; without it they are served
+    stale). Ultralytics also applies Albumentations blur / gray / CLAHE at p=0.01 each when that package is
+    installed and no ``augmentations=[]`` is given; ``cache_verify`` (default on) catches those images, so it
+    must stay on unless ``cache_force`` is set.
+    """
+    rt = cfg.teacher_runtime
+    if not rt.cache_enabled or rt.cache_force:
+        return
+    on = []
+    for k, off in RANDOM_AUGMENTATIONS.items():
+        v = getattr(args, k, off)
+        if k == "scale" and isinstance(v, (list, tuple)):
+            if tuple(float(x) for x in v) != (1.0, 1.0):
+                on.append(f"{k}={tuple(v)}")
+        elif v not in (None, False) and float(v) != off:
+            on.append(f"{k}={v}")
+    if on:
+        raise ConfigError(
+            "distill.teacher_runtime.cache: cached teacher outputs are only valid when an image's teacher input never "
+            f"changes, but these random augmentations are on: {', '.join(on)}. Set them to 0 (e.g. "
+            f"{' '.join(x.split('=')[0] + '=0' for x in on)}), or set distill.teacher_runtime.cache_force: true to "
+            "cache anyway"
+        )
+    import importlib.util
+
+    albu = importlib.util.find_spec("albumentations") is not None and getattr(args, "augmentations", None) != []
+    if albu and not rt.cache_verify:
+        raise ConfigError(
+            "distill.teacher_runtime.cache_verify: false, but Ultralytics applies random Albumentations (blur, gray, "
+            "CLAHE at p=0.01) to training images; keep cache_verify: true (changed images are recomputed), pass "
+            "augmentations=[], or set cache_force: true"
+        )
 
 
 class UltralyticsHead:
@@ -373,7 +422,9 @@ class KDDetectionModel(DistillationModel):
             preds = student(img)
         regular, items = student.loss(batch, preds)
         gt_boxes, gt_valid = yolo_gt_boxes(batch, tuple(img.shape[-2:]))
-        terms = self.distiller(img, student_output=preds, gt_boxes=gt_boxes, gt_valid=gt_valid, img_shape=tuple(img.shape[-2:]))
+        keys = batch.get("im_file") if self.distiller.teacher_cache is not None else None  # teacher_runtime.cache
+        terms = self.distiller(img, student_output=preds, gt_boxes=gt_boxes, gt_valid=gt_valid,
+                               img_shape=tuple(img.shape[-2:]), teacher_keys=keys)
         kd = torch.stack([terms.get(k, torch.zeros((), device=img.device)).float() for k in self.kd_terms])
         for i, k in enumerate(self.kd_terms):
             items[k] = kd[i].detach()
@@ -418,6 +469,7 @@ class DistillTrainer(DetectionTrainer):
         teacher = load_teacher(self.teacher_path)
         imgsz = self.args.imgsz if isinstance(self.args.imgsz, int) else max(self.args.imgsz)
         model = KDDetectionModel(student, teacher, self.distill_dict, imgsz=int(imgsz))
+        check_teacher_cache(self.args, model.distiller.cfg)
         if RANK in {-1, 0} and verbose:
             d = model.distiller
             LOGGER.info(f"detkd: teacher {self.teacher_path} -> student; terms {list(model.kd_terms)}; "

@@ -1,0 +1,318 @@
+"""How the frozen teacher runs: Conv+BN folding (`fuse_conv_bn`) and the per-sample output cache (`TeacherCache`).
+
+Framework-free (torch only), used by `detkd.distiller.Distiller` for its ``teacher_runtime`` settings (see
+`detkd.config.TeacherRuntimeConfig`). Neither changes what the losses see beyond float rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from detkd.errors import ConfigError
+
+__all__ = ["fuse_conv_bn", "TeacherCache"]
+
+
+def _split_name(name: str) -> tuple[str, str | None]:
+    """``'neck.p3:0'`` -> ``('neck.p3', '0')``; ``'neck.p3'`` -> ``('neck.p3', None)``."""
+    mod, _, sel = name.partition(":")
+    return mod, (sel or None)
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+
+
+def _no_autocast(device: torch.device):
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know
+        return contextlib.nullcontext()
+
+
+def _is_running_bn(m: nn.Module) -> bool:
+    """A 2-D batch norm that normalises with stored statistics in eval mode (incl. torchvision's frozen BN)."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return m.running_mean is not None and m.running_var is not None and not isinstance(m, nn.BatchNorm1d)
+    return type(m).__name__ == "FrozenBatchNorm2d" and hasattr(m, "running_mean") and hasattr(m, "running_var")
+
+
+def _conv_bn_candidates(model: nn.Module, keep: set[str]) -> list[tuple[nn.Module, str, str]]:
+    """``(parent, conv_name, bn_name)`` for Conv2d -> BN pairs: neighbours in a plain ``nn.Sequential``, or
+    children ``conv<s>`` / ``bn<s>`` (same suffix) of one module. Convs named in ``keep`` are skipped."""
+    out = []
+    for pname, parent in model.named_modules():
+        kids = dict(parent.named_children())
+        if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
+            names = list(kids)
+            pairs = list(zip(names, names[1:]))
+        else:
+            pairs = [(c, "bn" + c[4:]) for c in kids if c.startswith("conv") and "bn" + c[4:] in kids]
+        for c, b in pairs:
+            conv, bn = kids[c], kids[b]
+            full = f"{pname}.{c}" if pname else c
+            if (type(conv) is nn.Conv2d and _is_running_bn(bn) and bn.running_mean.numel() == conv.out_channels
+                    and full not in keep):
+                out.append((parent, c, b))
+    # a conv or BN shared by several pairs: leave it alone
+    count: dict[int, int] = {}
+    for parent, c, b in out:
+        for m in (getattr(parent, c), getattr(parent, b)):
+            count[id(m)] = count.get(id(m), 0) + 1
+    return [(p, c, b) for p, c, b in out if count[id(getattr(p, c))] == 1 and count[id(getattr(p, b))] == 1]
+
+
+def _leaves(x: Any) -> list[Tensor]:
+    if isinstance(x, Tensor):
+        return [x]
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _leaves(v)]
+    return [t for v in vars(x).values() for t in _leaves(v)] if hasattr(x, "__dataclass_fields__") else []
+
+
+@torch.no_grad()
+def fuse_conv_bn(model: nn.Module, example_inputs: Any, keep: Any = (), rtol: float = 1e-3) -> int:
+    """Fold eval-mode BatchNorm into the Conv2d feeding it, in place; returns the number of pairs fused.
+
+    For a conv ``y = W * x + b`` followed by BN with statistics ``mu, var`` and affine ``gamma, beta``
+    (eps ``e``): ``s = gamma / sqrt(var + e)``, ``W' = W * s`` (per output channel), ``b' = (b - mu) * s + beta``;
+    the BN is replaced by ``nn.Identity`` under the same name, so module names (and taps on the BN) still
+    resolve and give the same output. Computed in float64, stored in the conv's dtype.
+
+    Candidates are Conv2d -> BN neighbours of a plain ``nn.Sequential`` and ``conv``/``bn`` (``conv1``/``bn1``,
+    ...) children of one module (Ultralytics' ``Conv``: ``act(bn(conv(x)))``; torchvision's ResNet blocks).
+    A pair is fused only if, in a probe forward on ``example_inputs``, every input of the BN was an output of
+    its conv (so ``Conv2``-style ``bn(conv(x) + cv2(x))`` is left alone); convs named in ``keep`` (tapped
+    modules, whose own output would change) are skipped. After fusing, the model's outputs are compared with
+    the probe's (max abs difference <= ``max(rtol, 8 * eps of the dtype)`` * max abs value, per tensor); on a
+    mismatch everything is restored and a :class:`ConfigError` raised. Both forwards run with autocast off.
+    The model should be in eval mode. Framework-free: no Ultralytics import (its own ``model.fuse()`` deletes
+    the ``bn`` attributes, which would break taps).
+    """
+    keep = {_split_name(k)[0] for k in keep}
+    cands = _conv_bn_candidates(model, keep)
+    if not cands:
+        return 0
+    p0 = next(iter(model.parameters()))
+    with _no_autocast(p0.device):
+        return _fuse(model, example_inputs, cands, rtol)
+
+
+def _fuse(model: nn.Module, example_inputs: Any, cands: list[tuple[nn.Module, str, str]], rtol: float) -> int:
+    outs: dict[int, list[int]] = {}
+    ok: dict[int, bool] = {}
+    conv_of = {id(getattr(p, b)): getattr(p, c) for p, c, b in cands}
+    kept: list[Any] = []  # conv outputs stay alive during the probe, so their ids stay unique
+
+    def conv_hook(m: nn.Module, inputs: Any, output: Any) -> None:
+        kept.append(output)
+        outs.setdefault(id(m), []).append(id(output))
+
+    def bn_hook(m: nn.Module, inputs: Any) -> None:
+        good = bool(inputs) and id(inputs[0]) in outs.get(id(conv_of[id(m)]), [])
+        ok[id(m)] = ok.get(id(m), True) and good
+
+    handles = []
+    try:
+        for p, c, b in cands:
+            handles.append(getattr(p, c).register_forward_hook(conv_hook))
+            handles.append(getattr(p, b).register_forward_pre_hook(bn_hook))
+        ref = _call(model, example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    ref = [t.detach().clone() for t in _leaves(ref)]
+    kept.clear()
+    saved = []
+    for p, c, b in cands:
+        conv, bn = getattr(p, c), getattr(p, b)
+        if not ok.get(id(bn), False):
+            continue
+        w = conv.weight
+        scale = (bn.weight.double() if getattr(bn, "weight", None) is not None else 1.0) / torch.sqrt(
+            bn.running_var.double() + bn.eps)
+        shift = bn.bias.double() if getattr(bn, "bias", None) is not None else 0.0
+        bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
+        saved.append((p, c, b, bn, w.data, None if conv.bias is None else conv.bias.data))
+        w.data = (w.double() * scale.view(-1, 1, 1, 1)).to(w.dtype)
+        new_bias = ((bias - bn.running_mean.double()) * scale + shift).to(w.dtype)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_bias, requires_grad=False)
+        else:
+            conv.bias.data = new_bias
+        setattr(p, b, nn.Identity())
+    if not saved:
+        return 0
+    new = [t.detach() for t in _leaves(_call(model, example_inputs))]
+
+    def tol(a: Tensor) -> float:
+        eps = torch.finfo(a.dtype).eps if a.is_floating_point() else 0.0
+        return max(rtol, 8 * eps) * max(float(a.abs().max()), 1e-6)
+
+    bad = len(new) != len(ref) or any(
+        a.shape != n.shape or float((a.double() - n.double()).abs().max()) > tol(a)
+        for a, n in zip(ref, new) if a.numel())
+    if bad:
+        for p, c, b, bn, w, bias in saved:
+            conv = getattr(p, c)
+            conv.weight.data = w
+            if bias is None:
+                conv.bias = None
+            else:
+                conv.bias.data = bias
+            setattr(p, b, bn)
+        raise ConfigError("teacher_runtime.fuse: folding BatchNorm into the convs changed the teacher's outputs "
+                          "(a conv output is also used elsewhere?); the teacher was restored. Set "
+                          "teacher_runtime.fuse: false")
+    return len(saved)
+
+
+_FP_STRIDE = 31  # input fingerprint: every 31st value of a sample (31 is prime: no alignment with H, W or C)
+
+
+def _fingerprint(x: Tensor) -> Tensor:
+    """``(N, 3)`` float64 per-sample ``[sum, weighted sum, sum of abs]`` over a strided subsample of ``x``.
+
+    The weights are a fixed cosine pattern, so flips, shifts and colour changes move the weighted sum.
+    """
+    sub = x.detach().reshape(x.shape[0], -1)[:, ::_FP_STRIDE].double()
+    w = torch.cos(torch.arange(sub.shape[1], dtype=torch.float64, device=sub.device) * 0.7549)
+    return torch.stack((sub.sum(1), sub @ w, sub.abs().sum(1)), 1)
+
+
+def _fp_match(a: Tensor, b: Tensor) -> bool:
+    tol = 1e-9 * float(max(a[2], b[2])) + 1e-12
+    return bool((a[:2] - b[:2]).abs().max() <= tol)
+
+
+def _first_tensor(inputs: Any) -> Tensor | None:
+    if isinstance(inputs, Tensor):
+        return inputs
+    if isinstance(inputs, (tuple, list)):
+        return next((x for x in inputs if isinstance(x, Tensor)), None)
+    return None
+
+
+def _teacher_inputs(inputs: Any, dtype: torch.dtype | None, channels_last: bool) -> Any:
+    """Floating-point input tensors cast to ``dtype`` (when set); 4-D ones made channels-last (when asked)."""
+    if not (dtype is not None or channels_last):
+        return inputs
+
+    def f(x: Any) -> Any:
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            return x
+        fmt = torch.channels_last if channels_last and x.dim() == 4 else torch.preserve_format
+        return x.to(dtype=dtype or x.dtype, memory_format=fmt)
+
+    return type(inputs)(f(x) for x in inputs) if isinstance(inputs, (tuple, list)) else f(inputs)
+
+
+def _take(inputs: Any, idx: Tensor, n: int) -> Any:
+    """The samples ``idx`` of a batch: a tensor, or each batch-sized tensor of a tuple/list of arguments."""
+    if isinstance(inputs, Tensor):
+        return inputs.index_select(0, idx.to(inputs.device))
+    return type(inputs)(x.index_select(0, idx.to(x.device)) if isinstance(x, Tensor) and x.dim() and x.shape[0] == n
+                        else x for x in inputs)
+
+
+class TeacherCache:
+    """Per-sample teacher tensors, keyed by sample id (``str``), in memory or in a directory.
+
+    An entry is ``{"t": {name: tensor without the batch dim}, "shape": input shape (without N), "fp":
+    fingerprint or None}``. Bounded by ``max_items`` / ``max_bytes`` (None: no bound): once full, new keys are
+    not stored and a replaced entry must still fit. ``offload`` keeps memory entries on the CPU (a directory
+    cache always loads to the CPU). A directory cache writes ``<dir>/<namespace>/<sha1(key)>.pt`` atomically;
+    the namespace (set by :meth:`bind`) names the teacher and settings, so a changed teacher never reads old
+    entries. Copies share the cache (``copy.deepcopy`` returns it); a pickle is an empty cache with the same
+    settings (a memory cache is never shipped to another process).
+    """
+
+    def __init__(self, where: str = "memory", max_items: int | None = None, max_bytes: int | None = None,
+                 offload: bool = True):
+        self.where, self.max_items, self.max_bytes, self.offload = where, max_items, max_bytes, offload
+        self.namespace: str | None = None
+        self._mem: dict[str, dict] = {}
+        self._sizes: dict[str, int] = {}
+        self.nbytes = 0
+
+    @property
+    def on_disk(self) -> bool:
+        return self.where != "memory"
+
+    @property
+    def directory(self) -> Path | None:
+        return Path(self.where).expanduser() / self.namespace if self.on_disk and self.namespace else None
+
+    def bind(self, namespace: str) -> None:
+        """Use entries of ``namespace`` (a directory cache counts what that folder already holds)."""
+        if namespace == self.namespace:
+            return
+        self.clear()
+        self.namespace = namespace
+        d = self.directory
+        if d is not None:
+            d.mkdir(parents=True, exist_ok=True)
+            for f in d.glob("*.pt"):
+                self._sizes[f.stem] = f.stat().st_size
+            self.nbytes = sum(self._sizes.values())
+
+    def clear(self) -> None:
+        """Forget every entry held in memory (files of a directory cache stay)."""
+        self._mem.clear()
+        self._sizes.clear()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def _file(self, key: str) -> Path:
+        return self.directory / f"{hashlib.sha1(key.encode()).hexdigest()}.pt"
+
+    def _id(self, key: str) -> str:
+        return hashlib.sha1(key.encode()).hexdigest() if self.on_disk else key
+
+    def get(self, key: str) -> dict | None:
+        if not self.on_disk:
+            return self._mem.get(key)
+        if self._id(key) not in self._sizes:
+            return None
+        try:
+            return torch.load(self._file(key), map_location="cpu", weights_only=True)
+        except Exception:  # a partial or foreign file: a miss, rewritten by put()
+            return None
+
+    def put(self, key: str, tensors: dict[str, Tensor], shape: list[int], fp: Tensor | None) -> bool:
+        """Store one sample's tensors; False when a bound leaves no room."""
+        k = self._id(key)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        old = self._sizes.get(k, 0)
+        if (self.max_items is not None and k not in self._sizes and len(self._sizes) >= self.max_items) or (
+                self.max_bytes is not None and self.nbytes - old + size > self.max_bytes):
+            return False
+        entry = {"t": tensors, "shape": list(shape), "fp": fp}
+        if self.on_disk:
+            path = self._file(key)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            torch.save(entry, tmp)
+            os.replace(tmp, path)
+            size = path.stat().st_size
+        else:
+            self._mem[k] = entry
+        self._sizes[k] = size
+        self.nbytes += size - old
+        return True
+
+    def __deepcopy__(self, memo: dict) -> TeacherCache:
+        return self
+
+    def __reduce__(self):
+        return TeacherCache, (self.where, self.max_items, self.max_bytes, self.offload)
