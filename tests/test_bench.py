@@ -119,7 +119,8 @@ def test_bench_table_json_and_speedups(files):
     assert f"{res['threads']} thread" in table and res["cpu"] in table and "| student | eager | FP32 |" in table
     assert latency_entry(res, str(files["pt"]))["p50"] == s["latency_ms"]["p50"]
     assert latency_entry(res, "student", engine="onnxruntime") is None
-    assert format_table(res).count("\n| ") == 3  # header + 2 rows (separator line starts with '|-')
+    assert format_table(res).count("\n| ") == 6  # 2 tables: header + 2 rows each (separator lines start with "|-")
+    assert f"| student | {s['params'] / 1e6:.2f} |" in format_table(res)
 
 
 def test_bench_isolated_measures_in_a_fresh_process(files):
@@ -189,3 +190,18 @@ def test_int8_detected(tmp_path, files):
     assert onnx_precision(q) == "int8"
     assert measure(q, "onnxruntime", 32, runs=2, warmup=0)["precision"] == "int8"
     assert onnx_info(q, 32)["gflops"] == pytest.approx(onnx_info(files["onnx"], 32)["gflops"])
+
+
+def test_worker_peak_memory_is_its_own():
+    """A measuring process started from a big parent reports its own peak, not the parent's (ru_maxrss would)."""
+    import subprocess
+    import sys
+
+    from detkd.bench.latency import _peak_rss_mb
+
+    big = np.ones(600 * 2**20 // 8)  # 600 MiB touched in this (parent) process
+    assert _peak_rss_mb() > 600
+    out = subprocess.run([sys.executable, "-c", "from detkd.bench.latency import _peak_rss_mb; print(_peak_rss_mb())"],
+                         capture_output=True, text=True, check=True).stdout
+    assert float(out) < 400, out
+    del big

@@ -23,3 +23,23 @@ def test_demo_quick(tmp_path):
     html = (out / "report" / "report.html").read_text()
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
     assert (out / "report" / "report.md").is_file() and (out / "report" / "report.json").is_file()
+    bench = json.loads((out / "bench" / "bench.json").read_text())
+    kinds = {(r["model"], r["engine"], r["precision"]) for r in bench["rows"]}
+    assert kinds == {(m, e, p) for m in ("teacher", "distilled student")
+                     for e, p in (("pytorch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"))}
+    assert all("mAP50_95" in r for r in bench["rows"])
+    assert "CPU deployment" in html and "INT8" in html
+    assert summary["info"]["distilled"]["latency_ms"]["p50"] == next(
+        r["latency_ms"]["p50"] for r in bench["rows"] if r["model"] == "distilled student" and r["engine"] == "pytorch")
+
+
+def test_interrupted_stage_is_not_reused(tmp_path):
+    """A stage is reused only when its results.csv logged every epoch (an interrupted run trains again)."""
+    from detkd.demo import _finished
+
+    csv = tmp_path / "results.csv"
+    assert not _finished(csv, 2)
+    csv.write_text("epoch,loss\n1,0.5\n")
+    assert not _finished(csv, 2)
+    csv.write_text("epoch,loss\n1,0.5\n2,0.4\n\n")
+    assert _finished(csv, 2)

@@ -53,6 +53,15 @@ def _rss_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
+    """Peak resident memory of this process, MiB. On Linux ``VmHWM`` (reset by ``exec``: a worker started by a
+    big parent reports its own peak; ``ru_maxrss`` keeps the parent's from before the ``exec``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 2**20 if sys.platform == "darwin" else r / 2**10  # bytes on macOS, KiB on Linux
 

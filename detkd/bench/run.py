@@ -128,7 +128,7 @@ def bench(
                 if not _fresh(target, p):
                     from detkd.bench.onnx import export_onnx
 
-                    export_onnx(p, imgsz, out=target, dynamic=True)
+                    export_onnx(p, imgsz, out=target, dynamic=True, progress=False)
                 fp32_onnx = target
                 if "onnxruntime" in engines:
                     plan.append({"model": name, "source": str(p), "path": str(target), "engine": "onnxruntime"})
@@ -189,13 +189,19 @@ def bench(
                      and x["precision"] == "fp32"), None)
         if r["precision"] == "int8" and fp32 is not None:
             r["speedup_vs_fp32"] = fp32["latency_ms"]["p50"] / r["latency_ms"]["p50"]
+            if r["speedup_vs_fp32"] < 1.0:
+                notes.append(f"{r['model']}: INT8 is not faster than FP32 on this CPU at {threads} thread(s) "
+                             f"({r['latency_ms']['p50']:.1f} vs {fp32['latency_ms']['p50']:.1f} ms p50): for a model "
+                             "this small the quantize/dequantize steps cost more than the integer convolutions save")
             if "mAP50_95" in r and "mAP50_95" in fp32:
                 drop = fp32["mAP50_95"] - r["mAP50_95"]
                 r["int8_drop"] = drop
                 qz = r.get("quantization") or {}
                 kept = qz.get("excluded_nodes") or []
-                kept_txt = (f"{len(kept)} node(s) of the detection head's box decoding were left in FP32 "
-                            f"({qz.get('excluded_summary') or ', '.join(kept[:8])})") if kept else "no node was left in FP32"
+                mods = sorted({n.split("/")[1] for n in kept if n.count("/") >= 2})
+                kept_txt = (f"{len(kept)} node(s) of {', '.join('/' + m for m in mods) or 'the graph'} (the detection "
+                            "head's box decoding: DFL, anchor/stride arithmetic, concat, class sigmoid) were left in "
+                            "FP32; the list is in bench.json") if kept else "no node was left in FP32"
                 if drop > INT8_MAX_DROP:
                     notes.append(f"{r['model']}: INT8 loses {drop:.1f} mAP50-95 points against FP32 ONNX "
                                  f"(more than {INT8_MAX_DROP:.1f}); {kept_txt}. Leave more of the head in FP32 or "
@@ -227,17 +233,18 @@ def table_rows(res: dict) -> tuple[list[str], list[list[str]]]:
     """The bench table as (header, rows of strings), shared by the terminal, Markdown and `detkd report`."""
     bs = [b for b in res["batch_sizes"] if b != 1]
     has_map = any("mAP50_95" in r for r in res["rows"])
+    ref = res["rows"][0]["model"] if res["rows"] else ""
     head = ["model", "engine", "prec", "p50 ms", "p95 ms", "img/s b1", *[f"img/s b{b}" for b in bs], "peak MB",
-            "params M", "GFLOPs", "size MB", "speed-up"]
+            "size MB", f"speed-up vs {ref}"]
     if has_map:
         head += ["mAP50-95", "mAP50"]
     out = []
     for r in res["rows"]:
         lat, thr = r["latency_ms"], {int(k): v for k, v in r["throughput"].items()}
-        sp = f"{r['speedup_vs_first']:.2f}x" + ("" if r["speedup_ref"] == r["model"] else f" vs {r['speedup_ref']}")
+        sp = f"{r['speedup_vs_first']:.2f}x"  # same engine and precision, against the first model
         row = [r["model"], "eager" if r["engine"] == "pytorch" else "ORT", r["precision"].upper(),
                f"{lat['p50']:.1f}", f"{lat['p95']:.1f}", _f(thr.get(1), ".1f"), *[_f(thr.get(b), ".1f") for b in bs],
-               f"{r['peak_rss_mb']:.0f}", f"{r['params'] / 1e6:.2f}", _f(r["gflops"], ".2f"), f"{r['size_mb']:.2f}", sp]
+               f"{r['peak_rss_mb']:.0f}", f"{r['size_mb']:.2f}", sp]
         if has_map:
             row += [_f(r.get("mAP50_95"), ".2f"), _f(r.get("mAP50"), ".2f")]
         out.append(row)
@@ -251,9 +258,16 @@ def format_table(res: dict) -> str:
     lines = [f"CPU: {res['cpu']} · {res['threads']} thread{'s' if res['threads'] != 1 else ''} · imgsz "
              f"{res['imgsz']} · {res['runs']} runs after {res['warmup']} warm-up · torch {v.get('torch')}, "
              f"onnxruntime {v.get('onnxruntime')}",
-             f"({res['what']}; peak MB: peak RSS of the measuring process)", "",
+             f"({res['what']}; peak MB: peak RSS of the measuring process; speed-up: p50 ratio against the first "
+             "model on the same engine and precision)", "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(head))) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    seen: dict[str, dict] = {}
+    for r in res["rows"]:  # one line per model: its eager row when there is one (the checkpoint), else the first
+        if r["model"] not in seen or r["engine"] == "pytorch":
+            seen[r["model"]] = r
+    lines += ["", f"| model | params M | GFLOPs @{res['imgsz']} | file MB |", "|---|---:|---:|---:|"]
+    lines += [f"| {m} | {r['params'] / 1e6:.2f} | {_f(r['gflops'], '.2f')} | {r['size_mb']:.2f} |" for m, r in seen.items()]
     if res["notes"]:
         lines += [""] + [f"- {n}" for n in res["notes"]]
     return "\n".join(lines)
