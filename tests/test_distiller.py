@@ -21,6 +21,7 @@ from torch import nn
 from detkd.distiller import DenseOutputs, Distiller
 from detkd.errors import ConfigError
 from detkd.losses import at_loss, box_kd_loss, cwd_loss, fitnet_loss, kd_loss, ld_loss, sigmoid_kd_loss
+from helpers import DenseHead
 
 K, R, IMG = 3, 8, 32
 
@@ -37,24 +38,8 @@ class Backbone(nn.Module):
         return f1, self.bn(self.b2(f1.relu())).relu()
 
 
-class Head(nn.Module):
-    """Anchors-first dense head: cls (N, A, K), DFL logits (N, A, 4, R), decoded xyxy boxes (N, A, 4)."""
-
-    def __init__(self, c: int, stride: int = 4):
-        super().__init__()
-        self.stride = stride
-        self.cls = nn.Conv2d(c, K, 1)
-        self.box = nn.Conv2d(c, 4 * R, 1)
-
-    def forward(self, f):
-        n, _, h, w = f.shape
-        cls = self.cls(f).flatten(2).transpose(1, 2)
-        dist = self.box(f).flatten(2).transpose(1, 2).reshape(n, h * w, 4, R)
-        ltrb = dist.softmax(-1) @ torch.arange(R, dtype=f.dtype) * self.stride
-        ys, xs = torch.meshgrid(torch.arange(h, dtype=f.dtype), torch.arange(w, dtype=f.dtype), indexing="ij")
-        centre = (torch.stack((xs, ys), -1).reshape(-1, 2) + 0.5) * self.stride
-        boxes = torch.cat((centre - ltrb[..., :2], centre + ltrb[..., 2:]), -1)
-        return {"cls": cls, "box_dist": dist, "boxes": boxes}
+def Head(c: int, stride: int = 4) -> nn.Module:
+    return DenseHead(c, K, R, stride)
 
 
 class TinyDet(nn.Module):

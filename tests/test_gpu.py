@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import rect_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 
@@ -42,30 +43,7 @@ def no_amp_check():
 @pytest.fixture(scope="module")
 def data_yaml(tmp_path_factory) -> Path:
     """16 + 8 images of coloured rectangles (3 classes) in the Ultralytics layout."""
-    import cv2
-    import numpy as np
-
-    root = tmp_path_factory.mktemp("rects")
-    rng = np.random.default_rng(0)
-    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
-    for split, n in (("train", 16), ("val", 8)):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
-        for i in range(n):
-            im = np.full((IMGSZ, IMGSZ, 3), 90, np.uint8)
-            lines = []
-            for _ in range(int(rng.integers(1, 4))):
-                c = int(rng.integers(0, 3))
-                w, h = (int(v) for v in rng.integers(8, 30, 2))
-                x, y = int(rng.integers(0, IMGSZ - w)), int(rng.integers(0, IMGSZ - h))
-                cv2.rectangle(im, (x, y), (x + w, y + h), colours[c], -1)
-                lines.append(f"{c} {(x + w / 2) / IMGSZ:.5f} {(y + h / 2) / IMGSZ:.5f} {w / IMGSZ:.5f} {h / IMGSZ:.5f}")
-            cv2.imwrite(str(root / "images" / split / f"{i}.jpg"), im)
-            (root / "labels" / split / f"{i}.txt").write_text("\n".join(lines))
-    p = root / "data.yaml"
-    p.write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val",
-                                 "names": {0: "red", 1: "green", 2: "blue"}}))
-    return p
+    return rect_dataset(tmp_path_factory.mktemp("rects"), IMGSZ)
 
 
 @pytest.fixture(scope="module")

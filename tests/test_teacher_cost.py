@@ -22,6 +22,7 @@ from torch import nn
 from detkd.config import DistillConfig, TeacherRuntimeConfig, load_config
 from detkd.distiller import Distiller, TeacherCache, fuse_conv_bn
 from detkd.errors import ConfigError
+from helpers import DenseHead
 
 K, R, IMG = 3, 8, 32
 
@@ -52,23 +53,8 @@ class Conv2Like(nn.Module):
         return self.bn(self.conv(x) + self.cv2(x)).relu()
 
 
-class Head(nn.Module):
-    """Anchors-first dense head: cls (N, A, K), DFL logits (N, A, 4, R), decoded xyxy boxes (N, A, 4)."""
-
-    def __init__(self, c: int, stride: int = 4):
-        super().__init__()
-        self.stride = stride
-        self.cls = nn.Conv2d(c, K, 1)
-        self.box = nn.Conv2d(c, 4 * R, 1)
-
-    def forward(self, f):
-        n, _, h, w = f.shape
-        cls = self.cls(f).flatten(2).transpose(1, 2)
-        dist = self.box(f).flatten(2).transpose(1, 2).reshape(n, h * w, 4, R)
-        ltrb = dist.softmax(-1) @ torch.arange(R, dtype=f.dtype) * self.stride
-        ys, xs = torch.meshgrid(torch.arange(h, dtype=f.dtype), torch.arange(w, dtype=f.dtype), indexing="ij")
-        centre = (torch.stack((xs, ys), -1).reshape(-1, 2) + 0.5) * self.stride
-        return {"cls": cls, "box_dist": dist, "boxes": torch.cat((centre - ltrb[..., :2], centre + ltrb[..., 2:]), -1)}
+def Head(c: int, stride: int = 4) -> nn.Module:
+    return DenseHead(c, K, R, stride)
 
 
 class Net(nn.Module):

@@ -28,6 +28,7 @@ from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 from detkd.assets import PICO_YAML  # noqa: E402
 from detkd.errors import ConfigError  # noqa: E402
 from detkd.integrations import ultralytics as ul  # noqa: E402
+from helpers import rect_dataset  # noqa: E402
 
 IMGSZ = 64
 
@@ -35,30 +36,7 @@ IMGSZ = 64
 @pytest.fixture(scope="module")
 def data_yaml(tmp_path_factory) -> Path:
     """16 + 8 images of coloured rectangles (3 classes) in the Ultralytics layout."""
-    import cv2
-    import numpy as np
-
-    root = tmp_path_factory.mktemp("rects")
-    rng = np.random.default_rng(0)
-    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
-    for split, n in (("train", 16), ("val", 8)):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
-        for i in range(n):
-            im = np.full((IMGSZ, IMGSZ, 3), 90, np.uint8)
-            lines = []
-            for _ in range(int(rng.integers(1, 4))):
-                c = int(rng.integers(0, 3))
-                w, h = (int(v) for v in rng.integers(8, 30, 2))
-                x, y = int(rng.integers(0, IMGSZ - w)), int(rng.integers(0, IMGSZ - h))
-                cv2.rectangle(im, (x, y), (x + w, y + h), colours[c], -1)
-                lines.append(f"{c} {(x + w / 2) / IMGSZ:.5f} {(y + h / 2) / IMGSZ:.5f} {w / IMGSZ:.5f} {h / IMGSZ:.5f}")
-            cv2.imwrite(str(root / "images" / split / f"{i}.jpg"), im)
-            (root / "labels" / split / f"{i}.txt").write_text("\n".join(lines))
-    p = root / "data.yaml"
-    p.write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val",
-                                 "names": {0: "red", 1: "green", 2: "blue"}}))
-    return p
+    return rect_dataset(tmp_path_factory.mktemp("rects"), IMGSZ)
 
 
 @pytest.fixture(scope="module")
@@ -224,8 +202,6 @@ def test_train_end_to_end_resume_and_plain_loading(teacher_pt, data_yaml, tmp_pa
 
 
 def test_detkd_train_cli_bad_inputs(teacher_pt, data_yaml, tmp_path):
-    from detkd.cli import main
-
     def run(cfg: dict, *over) -> tuple[int, str]:
         p = tmp_path / "cfg.yaml"
         p.write_text(yaml.safe_dump(cfg))
