@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Distillation overhead on the same batches, in one run, same thread count.
 
-Times (median and p90 of --steps after --warmup):
+Times (median and p90 of --steps after --warmup; the rows are timed round-robin, one call of each per round):
   student   : a plain student training step (forward, Ultralytics detection loss, backward)
   teacher   : a teacher no-grad forward
   detkd     : a detkd distillation step (student + teacher + all configured KD terms, backward)
@@ -72,21 +72,6 @@ def build(cfg: str, nc: int, imgsz: int) -> DetectionModel:
     m.args = get_cfg(overrides={"imgsz": imgsz})
     m.names = {i: str(i) for i in range(nc)}
     return m
-
-
-def timeit(fn, warmup: int, steps: int, sync=None) -> list[float]:
-    """Seconds per call of ``fn`` (``sync``, e.g. torch.cuda.synchronize, before each clock read)."""
-    sync = sync or (lambda: None)
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(steps):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 TEACHER_VARIANTS = {  # teacher_runtime of each t:* row (half: false unless named, so each row isolates one option)
@@ -218,10 +203,7 @@ def main() -> None:
 
         return step
 
-    rows = {}
-    rows["student"] = timeit(student_step, a.warmup, a.steps, sync)
-    rows["teacher"] = timeit(teacher_fwd, a.warmup, a.steps, sync)
-    rows["detkd"] = timeit(kd_step_of(kd_model, batch), a.warmup, a.steps, sync)
+    fns = {"student": student_step, "teacher": teacher_fwd, "detkd": kd_step_of(kd_model, batch)}
     if not a.no_ultra:
         s2 = build(a.student, a.nc, a.imgsz).to(device)
         s2.args.dis = 6.0
@@ -233,7 +215,9 @@ def main() -> None:
                 loss, _ = ultra.loss(batch)
             loss.sum().backward()
 
-        rows["ultra"] = timeit(ultra_step, a.warmup, a.steps, sync)
+        fns["ultra"] = ultra_step
+    # round-robin: one call of each per round, so load drift on a shared machine hits every row alike
+    rows = timeit_interleaved(fns, a.warmup, a.steps, sync)
     opt_rows: dict = {}
     notes: dict = {}
     if a.teacher_opts:
@@ -251,6 +235,10 @@ def main() -> None:
     over = med["detkd"] - med["teacher"] - med["student"]
     print(f"detkd overhead beyond teacher forward + student step: {over:+.3f} s = "
           f"{100 * over / med['student']:+.1f}% of a student step (target <= +5%)")
+    per_round = sorted((d - t - s_) / s_ for d, t, s_ in zip(rows["detkd"], rows["teacher"], rows["student"]))
+    print(f"per-round overhead (same round's three timings), median {100 * statistics.median(per_round):+.1f}% "
+          f"of a student step, middle half {100 * per_round[len(per_round) // 4]:+.1f}% .. "
+          f"{100 * per_round[(3 * len(per_round)) // 4]:+.1f}%")
     if "ultra" in med:
         print(f"Ultralytics built-in distill step: {med['ultra']:.3f} s; detkd/ultra = {med['detkd'] / med['ultra']:.2f}x")
     if a.teacher_opts:
