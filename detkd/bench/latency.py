@@ -74,24 +74,16 @@ def model_format(path: str | os.PathLike) -> str:
     suf = p.suffix.lower()
     if suf == ".onnx":
         return "onnx"
-    if suf in (".pt", ".pth"):
-        import torch
+    if suf == ".pt":
+        from detkd.bench.onnx import load_detector  # the one detection-checkpoint check (Detect head, task)
 
-        from detkd.integrations.ultralytics_env import ensure_ultralytics_offline
-
-        ensure_ultralytics_offline()  # unpickling an Ultralytics checkpoint imports ultralytics
-
-        try:  # Ultralytics checkpoints are dicts with a 'model' entry; a plain state_dict or other pickle is not
-            ckpt = torch.load(str(p), map_location="cpu", weights_only=False, mmap=True)
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"{p}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-        m = ckpt.get("ema") or ckpt.get("model") if isinstance(ckpt, dict) else None
-        if m is not None and type(m).__module__.startswith("ultralytics"):
-            if "Detect" not in type(m.model[-1]).__name__ and not hasattr(m.model[-1], "reg_max"):
-                raise DataError(f"{p}: an Ultralytics {type(m).__name__}, not a detection model")
-            return "ultralytics"
-        raise DataError(f"{p}: not an Ultralytics detection checkpoint. detkd bench reads Ultralytics .pt files "
-                        "and ONNX files; export other PyTorch detectors with torch.onnx.export and bench the .onnx")
+        try:
+            load_detector(p)
+        except DataError as e:
+            raise DataError(f"{p}: not an Ultralytics detection checkpoint ({e}). detkd bench reads Ultralytics .pt "
+                            "files and ONNX files; export other PyTorch detectors with torch.onnx.export and bench "
+                            "the .onnx") from None
+        return "ultralytics"
     raise DataError(f"{p}: unsupported model file '{suf}' (expected an Ultralytics .pt or an .onnx)")
 
 
@@ -133,17 +125,12 @@ def torch_runner(weights: str | os.PathLike, threads: int) -> tuple[Callable[[np
 
 
 def ort_runner(onnx_path: str | os.PathLike, threads: int) -> tuple[Callable[[np.ndarray], None], dict]:
-    """An onnxruntime CPU session, ``threads`` intra-op threads, one inter-op thread, sequential execution."""
-    import onnxruntime as ort
+    """`detkd.bench.onnx.ort_session`: CPU provider, ``threads`` intra-op threads, one inter-op thread."""
+    from detkd.bench.onnx import ort_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads)
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     try:
-        sess = ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001
+        sess = ort_session(onnx_path, threads)
+    except Exception as e:  # noqa: BLE001 - onnxruntime's load errors are about the user's file
         raise DataError(f"{onnx_path}: onnxruntime cannot load it ({type(e).__name__}: {e})") from None
     inp = sess.get_inputs()[0]
     dtype = np.float16 if "float16" in inp.type else np.float32

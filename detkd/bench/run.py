@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from detkd.bench.info import model_info, onnx_info
-from detkd.bench.latency import ENGINES, cpu_model, measure, model_format
+from detkd.bench.latency import ENGINES, cpu_model, measure, model_format, onnx_precision
 from detkd.bench.worker import ERR, MARK
 from detkd.errors import ConfigError, DataError
 
@@ -134,8 +134,6 @@ def bench(
                     plan.append({"model": name, "source": str(p), "path": str(target), "engine": "onnxruntime"})
         else:
             plan.append({"model": name, "source": str(p), "path": str(p), "engine": "onnxruntime"})
-            from detkd.bench.latency import onnx_precision
-
             if onnx_precision(p) == "fp32":
                 fp32_onnx = p
         if int8:
