@@ -42,6 +42,16 @@ Layouts written under ``out_dir``:
   to ``images/{split}/``, ``bbox`` ``[x, y, w, h]`` pixels, ``area = w * h``, ``iscrowd = 0``, category ids
   1..K in class order.
 
+Optional held-out splits, written the same way (``images/<split>``, ``labels/<split>``,
+``annotations/instances_<split>.json`` and a ``<split>:`` key in ``data.yaml``) only when asked for, so train
+and val output stays byte-identical whether or not they are:
+
+* ``test`` (``n_test`` frames): in-distribution, the same ``n_cameras`` cameras as train and val.
+* ``test_ood`` (``n_test_ood`` frames, ``ood_cameras`` > 0): unseen cameras, indices ``n_cameras`` ..
+  ``n_cameras + ood_cameras - 1`` (named ``CAM <index + 1>``), which never appear in train, val or test. A
+  camera is a pure function of ``(seed, camera index)``, so these are new scenes (geometry, layout, props,
+  lighting), not new frames of known ones.
+
 Speed: each camera's background, props and light maps are built once per process (about 0.1 s each); a
 320 px frame then costs about 10 ms of one CPU core including JPEG encoding (2,000 frames: about 25 s). Object
 sprites are drawn supersampled (2-4x for small objects) on small local canvases; every full-frame operation is
@@ -69,7 +79,7 @@ __all__ = ["DEFAULT_CLASSES", "generate", "render_frame"]
 #: Classes of the built-in benchmark, in label-index order.
 DEFAULT_CLASSES: tuple[str, ...] = ("person", "car", "bicycle", "dog", "bag")
 
-_SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+_SPLIT_IDS = {"train": 0, "val": 1, "test": 2, "test_ood": 3}
 _KINDS = ("street", "crossing", "plaza", "parking")
 _VIS_THR = 0.25  # alpha above which a pixel counts as belonging to an object
 _MIN_VISIBLE = 0.2  # keep an object only if at least this fraction of its drawn area is visible
@@ -1310,19 +1320,30 @@ def _check_classes(classes: Sequence[str]) -> tuple[str, ...]:
 
 
 def render_frame(seed: int, split: str | int, index: int, imgsz: int = 320, classes: Sequence[str] = DEFAULT_CLASSES,
-                 n_cameras: int = 8, draw_objects: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+                 n_cameras: int = 8, draw_objects: bool = True, cameras: Sequence[int] | None = None,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Render one frame, a pure function of ``(seed, split, index)`` and the settings.
+
+    The frame's camera is drawn uniformly from ``cameras`` (camera indices; default ``range(n_cameras)``), e.g.
+    ``range(n_cameras, n_cameras + k)`` for cameras never seen in training (the ``test_ood`` split).
 
     Returns ``image`` uint8 ``(imgsz, imgsz, 3)`` BGR (before JPEG), ``boxes`` float32 ``(n, 4)`` xyxy pixels
     (integer-valued: tight extents of the visible pixels, ``x2``/``y2`` exclusive), ``labels`` int64 ``(n,)``
-    (indices into ``classes``) and ``meta`` (camera, night, ir, jpeg_quality, counts of dropped objects).
+    (indices into ``classes``) and ``meta`` (camera name and ``camera_id``, night, ir, jpeg_quality, counts of
+    dropped objects).
     ``draw_objects=False`` renders the same frame with the objects left out (same lighting, noise and text;
     the boxes are still returned), which lets tests check that boxes hug the drawn pixels.
     """
     classes = _check_classes(classes)
     S = int(imgsz)
     rng = np.random.default_rng([int(seed), 0xF, _split_id(split), int(index)])
-    cam_id = int(rng.integers(n_cameras))
+    if cameras is None:
+        cam_id = int(rng.integers(n_cameras))
+    else:
+        cameras = [int(c) for c in cameras]
+        if not cameras or min(cameras) < 0:
+            raise ValueError(f"cameras must be non-empty camera indices >= 0, got {cameras!r}")
+        cam_id = cameras[int(rng.integers(len(cameras)))]
     cam = _camera(int(seed), cam_id, S)
     g = cam.g
     night = bool(rng.random() < _NIGHT_P)
@@ -1470,7 +1491,7 @@ def render_frame(seed: int, split: str | int, index: int, imgsz: int = 320, clas
         cls_index = {c: i for i, c in enumerate(classes)}
         labels = np.asarray([cls_index[a.label] for a in actors], np.int64)[ok]
         dropped = int(n - ok.sum())
-    meta = {"camera": cam.name, "kind": cam.kind, "night": night, "ir": ir, "jpeg_quality": quality, "dropped": dropped}
+    meta = {"camera": cam.name, "camera_id": cam_id, "kind": cam.kind, "night": night, "ir": ir, "jpeg_quality": quality, "dropped": dropped}
     return out, boxes, labels, meta
 
 
@@ -1480,8 +1501,8 @@ def render_frame(seed: int, split: str | int, index: int, imgsz: int = 320, clas
 
 
 def _render_and_save(task: tuple) -> tuple[int, np.ndarray, np.ndarray]:
-    seed, split, index, S, classes, n_cameras, path = task
-    img, boxes, labels, meta = render_frame(seed, split, index, S, classes, n_cameras)
+    seed, split, index, S, classes, n_cameras, path, cameras = task
+    img, boxes, labels, meta = render_frame(seed, split, index, S, classes, n_cameras, cameras=cameras)
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, meta["jpeg_quality"]])
     if not ok:
         raise RuntimeError(f"JPEG encoding failed for {path}")
@@ -1513,6 +1534,9 @@ def generate(
     workers: int = 1,
     progress: bool = True,
     n_cameras: int = 8,
+    n_test: int = 0,
+    ood_cameras: int = 0,
+    n_test_ood: int | None = None,
 ) -> dict:
     """Write the synthetic security-camera benchmark to ``out_dir`` in Ultralytics and COCO layouts.
 
@@ -1526,17 +1550,32 @@ def generate(
             are not drawn at all (no unlabelled instances).
         workers: processes; results do not depend on it.
         progress: show a tqdm progress bar.
-        n_cameras: number of fixed cameras (scenes) shared by both splits.
+        n_cameras: number of fixed cameras (scenes) shared by train, val and test.
+        n_test: frames of an in-distribution ``test`` split (0: none; the default).
+        ood_cameras: number of unseen cameras (indices ``n_cameras .. n_cameras + ood_cameras - 1``) for a
+            ``test_ood`` split; 0 (default): no such split.
+        n_test_ood: frames of the ``test_ood`` split (default: ``n_val``).
+
+        Train and val output does not depend on ``n_test``, ``ood_cameras`` or ``n_test_ood``. A split not asked
+        for is not written (files this generator wrote for it earlier are removed) and gets no ``data.yaml`` key.
 
     Returns:
         ``{"root", "data_yaml", "names", "splits": {split: {"images", "boxes", "per_class", "images_dir",
-        "labels_dir", "coco_json"}}}`` with absolute paths and counts.
+        "labels_dir", "coco_json"}}}`` with absolute paths and counts; with ``ood_cameras`` also
+        ``"ood_cameras"``: the unseen cameras' names.
     """
     classes = _check_classes(classes)
     if imgsz < 64:
         raise ValueError(f"imgsz must be >= 64, got {imgsz}")
     if n_cameras < 1:
         raise ValueError("n_cameras must be >= 1")
+    if n_test < 0 or ood_cameras < 0 or (n_test_ood is not None and n_test_ood < 0):
+        raise ValueError("n_test, ood_cameras and n_test_ood must be >= 0")
+    n_ood = (int(n_val) if n_test_ood is None else int(n_test_ood)) if ood_cameras > 0 else 0
+    ood_ids = list(range(int(n_cameras), int(n_cameras) + int(ood_cameras)))
+    # (split, frames, cameras or None for range(n_cameras), written even when empty)
+    plan = [("train", int(n_train), None, True), ("val", int(n_val), None, True), ("test", int(n_test), None, False),
+            ("test_ood", n_ood, ood_ids, False)]
     root = Path(out_dir).expanduser().resolve()
     summary: dict[str, Any] = {"root": str(root), "names": list(classes), "splits": {}}
     pool = None
@@ -1545,8 +1584,16 @@ def generate(
 
         pool = mp.get_context().Pool(workers, initializer=_worker_init)
     try:
-        for split, n in (("train", int(n_train)), ("val", int(n_val))):
+        for split, n, cams, always in plan:
             img_dir, lbl_dir = root / "images" / split, root / "labels" / split
+            if not n and not always:  # not asked for: drop what an earlier run wrote for it
+                for d, sfx in ((img_dir, "jpg"), (lbl_dir, "txt")):
+                    if d.is_dir():
+                        _clean_stale(d, set(), sfx)
+                for q in (root / "labels" / f"{split}.cache", root / "annotations" / f"instances_{split}.json"):
+                    if q.exists():
+                        q.unlink()
+                continue
             img_dir.mkdir(parents=True, exist_ok=True)
             lbl_dir.mkdir(parents=True, exist_ok=True)
             (root / "annotations").mkdir(parents=True, exist_ok=True)
@@ -1557,7 +1604,7 @@ def generate(
             cache = root / "labels" / f"{split}.cache"
             if cache.exists():
                 cache.unlink()
-            tasks = [(int(seed), split, i, int(imgsz), classes, int(n_cameras), str(img_dir / f"{stems[i]}.jpg"))
+            tasks = [(int(seed), split, i, int(imgsz), classes, int(n_cameras), str(img_dir / f"{stems[i]}.jpg"), cams)
                      for i in range(n)]
             it = pool.imap(_render_and_save, tasks, chunksize=8) if pool is not None else map(_render_and_save, tasks)
             if progress:
@@ -1599,7 +1646,11 @@ def generate(
         if pool is not None:
             pool.close()
             pool.join()
-    data = {"path": str(root), "train": "images/train", "val": "images/val", "names": dict(enumerate(classes))}
+    data = {"path": str(root), "train": "images/train", "val": "images/val"}
+    data.update({s: f"images/{s}" for s in ("test", "test_ood") if s in summary["splits"]})
+    data["names"] = dict(enumerate(classes))
+    if ood_ids:
+        summary["ood_cameras"] = [f"CAM {c + 1:02d}" for c in ood_ids]
     yaml_path = root / "data.yaml"
     yaml_path.write_text(yaml.safe_dump(data, sort_keys=False))
     summary["data_yaml"] = str(yaml_path)
