@@ -11,3 +11,11 @@ class ConfigError(DetkdError, ValueError):
 
 class DataError(DetkdError):
     """A dataset problem (missing file, bad annotation, ...)."""
+
+
+class EvalError(DetkdError):
+    """An evaluation that cannot be scored correctly as asked (classes that do not match, a missing engine, ...)."""
+
+
+class ClassMismatchError(EvalError, ValueError):
+    """The model's class names do not match the dataset's categories (scoring by position would mis-score)."""

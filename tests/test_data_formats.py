@@ -179,14 +179,16 @@ def test_read_voc_keeps_difficult_and_voc_class_order(tmp_path):
         read_voc(tmp_path / "VOCdevkit", split="test")
 
 
-def test_read_voc_unknown_name_is_an_issue_and_default_names_follow_data(tmp_path):
+def test_read_voc_unknown_name_is_an_issue_and_default_names_stay_voc(tmp_path):
     _voc_dataset(tmp_path, extra_obj=("robot", False, (2, 2, 9, 9)))
     ds = read_voc(tmp_path / "VOCdevkit" / "VOC2007", names=["dog", "person"])
     assert [len(r) for r in ds.images] == [2, 1]
     assert [(i.kind, Path(i.file).name) for i in ds.issues] == [("unknown_class", "000012.xml")]
     assert "'robot'" in ds.issues[0].detail
-    # default: a name outside the 20 VOC classes -> the data's own (sorted) names
-    assert read_voc(tmp_path / "VOCdevkit" / "VOC2007").names == ["dog", "person", "robot"]
+    # default: the data uses VOC names, so a name outside the 20 VOC classes is reported, not made a class
+    ds = read_voc(tmp_path / "VOCdevkit" / "VOC2007")
+    assert ds.names == list(VOC_CLASSES) and [i.kind for i in ds.issues] == ["unknown_class"]
+    assert read_voc(tmp_path / "VOCdevkit" / "VOC2007", names="data").names == ["dog", "person", "robot"]
 
 
 def test_voc_to_coco_keeps_difficult_boxes_and_ids(tmp_path):

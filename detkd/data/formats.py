@@ -32,11 +32,13 @@ Format conventions:
   replaced by ``/labels/`` and the extension by ``.txt``; each line is ``class xc yc w h`` normalised by the
   displayed image size (polygon lines ``class x1 y1 x2 y2 ...`` become their bounding box, as in Ultralytics).
   Image ids come from ``ids.json`` in the dataset root (written by `write_yolo`), else from numeric file
-  stems, else 1..N in sorted file order.
+  stems, else 1..N in sorted file order. A label file in a split's ``labels/`` folder without its image is
+  recorded as ``orphan_label`` (its boxes are not used by Ultralytics either).
 """
 
 from __future__ import annotations
 
+import difflib
 import glob
 import json
 import logging
@@ -498,21 +500,29 @@ def read_voc(
     """Read PASCAL VOC: ``<year>/Annotations/*.xml``, ``<year>/JPEGImages/``, ``<year>/ImageSets/Main/<split>.txt``.
 
     ``voc_root``: a year folder (``VOCdevkit/VOC2007``) or a folder holding exactly one (else pass ``year``).
-    ``split``: the ImageSets list to read (``train``, ``val``, ``trainval``, ``test``); None reads every xml.
-    ``names``: None -> the 20 VOC classes when every name in the data is one of them, else the data's names
-    sorted; ``'voc'`` -> the 20 VOC classes; ``'data'`` -> the data's names sorted; or an explicit list.
-    Objects of other classes are skipped and recorded (``unknown_class``). ``difficult`` is kept per box.
-    Image ids: the numeric ids (``000005`` -> 5, ``2008_000008`` -> 2008000008), else 1..N in list order.
+    ``split``: the ImageSets list to read (``train``, ``val``, ``trainval``, ``test``); None or ``'all'`` reads
+    every xml (``--split all`` on the command line; an ``ImageSets/Main/all.txt``, if there is one, wins).
+    ``names``: None -> the 20 VOC classes when the data uses at least one of them (any other name is then
+    reported as ``unknown_class`` and its boxes skipped: a typo such as ``persn`` never becomes a class of its
+    own), else (no VOC name at all: a custom dataset) the data's names sorted; ``'voc'`` -> the 20 VOC classes;
+    ``'data'`` -> the data's names sorted; or an explicit list (``--names a,b,c``). Objects of other classes are
+    skipped and recorded (``unknown_class``), the first object of each unknown name first. ``difficult`` is kept
+    per box. Image ids: the numeric ids (``000005`` -> 5, ``2008_000008`` -> 2008000008), else 1..N in list order.
     """
     d = _voc_year_dir(Path(voc_root).resolve(), year)
-    if split is None:
+    lists = d / "ImageSets" / "Main"
+    if split is None or (split == "all" and not (lists / "all.txt").is_file()):
         stems = sorted(x.stem for x in (d / "Annotations").glob("*.xml"))
     else:
-        lst = d / "ImageSets" / "Main" / f"{split}.txt"
+        lst = lists / f"{split}.txt"
         if not lst.is_file():
-            have = sorted(x.stem for x in (d / "ImageSets" / "Main").glob("*.txt") if "_" not in x.stem)
+            have = sorted(x.stem for x in lists.glob("*.txt") if "_" not in x.stem)
             have_s = ", ".join(have) or "none"
-            raise DataError(f"VOC split list not found: {lst}; available: {have_s} (or split=None for all xmls)")
+            pick = f"pass one with --split {have[0]} (Python: split='{have[0]}'), or" if have else "pass"
+            raise DataError(
+                f"VOC split list not found: {lst}; available: {have_s}; {pick} --split all to read every xml in "
+                f"Annotations/ (Python: split=None)"
+            )
         stems = [ln.split()[0] for ln in lst.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not stems:
         raise DataError(f"{d}: the {split or 'Annotations'} list is empty")
@@ -534,8 +544,9 @@ def read_voc(
         parsed.append((fn or f"{s}.jpg", w, h, objs, str(xml)))
 
     found = sorted({o[0] for *_, objs, _x in parsed for o in objs if o[0]})
+    default_voc = names is None and (not found or bool(set(found) & set(VOC_CLASSES)))
     if names is None:
-        names = list(VOC_CLASSES) if set(found) <= set(VOC_CLASSES) else found
+        names = list(VOC_CLASSES) if default_voc else found
     elif names == "voc":
         names = list(VOC_CLASSES)
     elif names == "data":
@@ -549,6 +560,17 @@ def read_voc(
 
     ids = _int_ids([Path(fn).stem for fn, *_ in parsed]) or list(range(1, len(parsed) + 1))
     records = []
+    first_unknown: dict[str, Issue] = {}  # the first box of each unknown name goes first in the issues, so the
+    more_unknown: list[Issue] = []  # report's examples name every unknown name
+
+    def unknown_detail(name: str) -> str:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        if default_voc:
+            return (f"class name '{name}' is not one of the 20 VOC classes{hint}; box skipped (pass --names data, "
+                    "Python names='data', to make every name found a class)")  # fmt: skip
+        return f"class name '{name}' is not in the class list{hint}; box skipped"
+
     for rid, (fn, w, h, objs, xml) in zip(ids, parsed):
         img = str(d / "JPEGImages" / fn)
         rows = []
@@ -556,7 +578,11 @@ def read_voc(
             if box is None:
                 issues.append(Issue("bad_label", xml, f"object '{name}' has no numeric bndbox; skipped"))
             elif name not in index:
-                issues.append(Issue("unknown_class", xml, f"class name '{name}' is not in the class list; box skipped"))
+                iss = Issue("unknown_class", xml, unknown_detail(name))
+                if name in first_unknown:
+                    more_unknown.append(iss)
+                else:
+                    first_unknown[name] = iss
             else:
                 rows.append((box, index[name], diff))
         records.append(
@@ -571,6 +597,7 @@ def read_voc(
                 label_file=xml,
             )
         )
+    issues += list(first_unknown.values()) + more_unknown
     return _finish(Dataset(names, records, str(d), "voc", split, issues))
 
 
@@ -721,7 +748,45 @@ def read_yolo(data_yaml: PathLike, split: str = "val") -> Dataset:
         xc, yc, bw, bh = rows[:, 1:].T
         xyxy = np.stack([xc - bw / 2, yc - bh / 2, xc + bw / 2, yc + bh / 2], 1) * scale
         records.append(ImageRecord(rid, f, w, h, xyxy, rows[:, 0].astype(np.int64), label_file=str(lbl)))
+    issues += _orphan_labels(d[split], root, files)
     return _finish(Dataset(names, records, str(root), "yolo", split, issues))
+
+
+def _orphan_labels(entry, root: Path, files: list[str]) -> list[Issue]:
+    """``orphan_label`` issues: label files in the ``labels/`` folder of a split's image folder that belong to no
+    image of the split (the image was deleted or renamed, or has a suffix Ultralytics does not load). Only
+    folder entries are checked (a ``.txt`` image list may select part of a folder on purpose), and only when
+    the labels live in a separate ``labels/`` tree."""
+    expected = {os.path.normcase(os.path.abspath(yolo_label_path(f))) for f in files}
+    out: list[Issue] = []
+    for e in entry if isinstance(entry, list) else [entry]:
+        img_dir = (root / str(e)).resolve()
+        if not img_dir.is_dir() and str(e).startswith("../"):
+            img_dir = (root / str(e)[3:]).resolve()
+        if not img_dir.is_dir():
+            continue
+        lbl_dir = Path(yolo_label_path(str(img_dir / "x.jpg"))).parent
+        if lbl_dir == img_dir or not lbl_dir.is_dir():
+            continue
+        for lbl in sorted(glob.glob(str(Path(glob.escape(str(lbl_dir))) / "**" / "*.txt"), recursive=True)):
+            if os.path.normcase(os.path.abspath(lbl)) in expected or Path(lbl).name == "classes.txt":
+                continue
+            rel = Path(lbl).relative_to(lbl_dir).with_suffix("")
+            others = sorted(p.name for p in (img_dir / rel).parent.glob(glob.escape(rel.name) + ".*"))
+            try:
+                n = sum(1 for ln in Path(lbl).read_text(encoding="utf-8-sig").splitlines() if ln.strip())
+            except (OSError, UnicodeDecodeError):
+                n = 0
+            try:
+                where = (img_dir / rel).relative_to(root).as_posix() + ".*"
+            except ValueError:
+                where = (img_dir / rel).as_posix() + ".*"
+            if others:
+                why = f"no image Ultralytics loads for this label file ({', '.join(others)} has another suffix)"
+            else:
+                why = f"no image for this label file (looked for {where})"
+            out.append(Issue("orphan_label", lbl, f"{why}; its {n} box(es) are not used"))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -768,6 +833,13 @@ def read_dataset(path: PathLike, split: str = "val", **kwargs) -> Dataset:
     the reader (``images_dir`` for COCO, ``names``/``year`` for VOC)."""
     p = Path(path)
     fmt = detect_format(p)
+    if fmt != "voc" and kwargs.get("names") is not None:
+        where = "its 'categories'" if fmt == "coco" else "the data yaml's 'names'"
+        raise DataError(
+            f"{p}: a class list (--names) applies to VOC data only; a {fmt.upper()} dataset takes its classes "
+            f"from {where}"
+        )
+    kwargs = {k: v for k, v in kwargs.items() if not (k == "names" and v is None and fmt != "voc")}
     if fmt == "coco":
         if p.is_dir():
             p = _pick(sorted(p.glob("*.json")) + sorted(p.glob("annotations/*.json")), split, "COCO json", p)

@@ -15,8 +15,11 @@ empty_dataset          error     none: no usable image left
 missing_image          warning   image skipped (with its boxes)
 corrupt_image          warning   image skipped (with its boxes): not an image, or a damaged header
 unsupported_format     warning   image skipped: a suffix Ultralytics does not load
-truncated_jpeg         warning   kept: a JPEG without its end marker (decoders grey out the rest)
+truncated_jpeg         warning   kept: a JPEG without its end marker (decoders grey out the rest; PIL, and so
+                                 Ultralytics' predict, raises OSError; `detkd eval` refuses it, naming the file)
 missing_label          warning   kept as a background image (Ultralytics does the same)
+orphan_label           warning   not used: a YOLO label file whose image is missing (or has a suffix
+                                 Ultralytics does not load)
 bad_label              warning   the malformed line / annotation / xml skipped
 orphan_annotation      warning   skipped: a COCO annotation of an image id not in ``images``
 unknown_class          warning   box skipped: a class name / category id not in the class list
@@ -82,10 +85,11 @@ KINDS: dict[str, Kind] = {
     "missing_image": Kind("warning", "image", "image skipped", "restore the file or drop it from the annotations"),
     "corrupt_image": Kind("warning", "image", "image skipped", "re-export or delete the file"),
     "unsupported_format": Kind("warning", "image", "image skipped", "convert it to JPEG or PNG"),
-    "truncated_jpeg": Kind("warning", "image", "kept", "re-save the file"),
+    "truncated_jpeg": Kind("warning", "image", "kept", "re-save the file (`detkd eval` refuses it)"),
     "missing_label": Kind(
         "warning", "image", "kept as a background image", "add the label (an empty file for a true background)"
     ),
+    "orphan_label": Kind("warning", "label file", "not used", "restore the image or delete the label file"),
     "bad_label": Kind("warning", "item", "skipped", "fix the annotation"),
     "orphan_annotation": Kind("warning", "annotation", "skipped", "add the image or remove the annotation"),
     "unknown_class": Kind("warning", "box", "box skipped", "add the class to the class list or fix the name"),
@@ -101,7 +105,7 @@ KINDS: dict[str, Kind] = {
 }
 _SEVERITY_ORDER = {"error": 0, "warning": 1, "note": 2}
 #: Kinds the readers handle while reading (the item never enters the `Dataset`), whatever ``fix`` says.
-_READER_KINDS = frozenset({"bad_label", "orphan_annotation", "unknown_class", "missing_label"})
+_READER_KINDS = frozenset({"bad_label", "orphan_annotation", "unknown_class", "missing_label", "orphan_label"})
 
 
 @dataclass

@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from detkd.errors import DataError
+from detkd.errors import DataError, EvalError
 
-__all__ = ["STAT_NAMES", "evaluate_coco", "write_results_json", "write_metrics_json"]
+__all__ = ["STAT_NAMES", "ENGINES", "evaluate_coco", "require_engine", "write_results_json", "write_metrics_json"]
 
 #: Names of the 12 `COCOeval.stats` entries, in pycocotools' order.
 STAT_NAMES: tuple[str, ...] = (
@@ -77,15 +77,22 @@ def _prepare_dets(dets: PathLike | Sequence[Mapping], img_ids: set) -> list[dict
         d = d["annotations"]
     if not isinstance(d, list):
         raise DataError("detections must be a COCO results list [{image_id, category_id, bbox, score}, ...]")
-    out = [
-        {
-            "image_id": int(x["image_id"]),
-            "category_id": int(x["category_id"]),
-            "bbox": [float(v) for v in x["bbox"]],
-            "score": float(x["score"]),
-        }
-        for x in d
-    ]
+    out = []
+    for i, x in enumerate(d):
+        try:
+            out.append({
+                "image_id": int(x["image_id"]),
+                "category_id": int(x["category_id"]),
+                "bbox": [float(v) for v in x["bbox"]],
+                "score": float(x["score"]),
+            })  # fmt: skip
+            if len(out[-1]["bbox"]) != 4:
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise DataError(
+                f"detection #{i} is not a COCO result {{image_id, category_id, bbox: [x, y, w, h], score}}: "
+                f"{str(x)[:120]}"
+            ) from None
     unknown = {x["image_id"] for x in out} - img_ids
     if unknown:
         some = sorted(unknown)[:5]
@@ -136,11 +143,24 @@ def _run_pycocotools(gt: dict, dets: list[dict]):
     return ev, summary.getvalue(), buf.getvalue()
 
 
-def _run_faster(gt: dict, dets: list[dict]):
+ENGINES = ("pycocotools", "faster")
+
+
+def require_engine(engine: str) -> None:
+    """Raise `EvalError` (one line, saying what to install) unless ``engine`` is known and importable."""
+    if engine not in ENGINES:
+        raise EvalError(f"engine must be 'pycocotools' or 'faster', got {engine!r}")
+    module, dist = ("faster_coco_eval", "faster-coco-eval") if engine == "faster" else ("pycocotools", "pycocotools")
     try:
-        from faster_coco_eval import COCO, COCOeval_faster
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise DataError("engine='faster' needs faster-coco-eval: pip install faster-coco-eval") from e
+        __import__(module)
+    except ImportError:
+        extra = " (or pip install 'detkd[fast-eval]'), or use --engine pycocotools" if engine == "faster" else ""
+        raise EvalError(f"engine '{engine}' needs {dist}, which is not installed: pip install {dist}{extra}") from None
+
+
+def _run_faster(gt: dict, dets: list[dict]):
+    require_engine("faster")
+    from faster_coco_eval import COCO, COCOeval_faster
 
     log: list[str] = []
     lines: list[str] = []
@@ -172,7 +192,8 @@ def evaluate_coco(
             score}, ...]`` in original-image pixels. An empty list gives all-zero AP/AR (-1 where an area
             range has no ground truth, as pycocotools reports). Detections whose ``category_id`` is not in
             the ground truth are ignored (pycocotools behaviour); an unknown ``image_id`` is an error.
-        engine: ``"pycocotools"`` (reference) or ``"faster"`` (faster-coco-eval, identical numbers).
+        engine: ``"pycocotools"`` (reference) or ``"faster"`` (faster-coco-eval, identical numbers; an optional
+            dependency, ``pip install faster-coco-eval``: `EvalError` saying so when it is missing).
         class_names: names in ascending category-id order, or ``{category_id: name}``; default: the gt
             categories' ``name``.
 
@@ -181,14 +202,14 @@ def evaluate_coco(
         ``pr``, ``summary``, ``engine``, ``num_images``, ``num_detections``. Numbers are Python floats;
         ``pr`` holds numpy arrays (`write_metrics_json` turns them into lists).
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be 'pycocotools' or 'faster', got {engine!r}")
     gt = _prepare_gt(gt_json_or_dict)
     dets = _prepare_dets(detections, {int(im["id"]) for im in gt["images"]})
     if engine == "pycocotools":
         ev, summary, _ = _run_pycocotools(gt, dets)
-    elif engine == "faster":
-        ev, summary, _ = _run_faster(gt, dets)
     else:
-        raise ValueError(f"engine must be 'pycocotools' or 'faster', got {engine!r}")
+        ev, summary, _ = _run_faster(gt, dets)
 
     stats = [float(s) for s in ev.stats[:12]]
     params = ev.params

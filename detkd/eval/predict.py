@@ -45,27 +45,35 @@ ImageList = Sequence[tuple[int, "str | os.PathLike"]]
 # shared helpers
 # --------------------------------------------------------------------------------------------------
 def _category_lookup(class_map: Mapping[int, int] | Sequence[int] | None, nc: int) -> np.ndarray:
-    """``lut[i]`` = COCO category id of class index ``i`` (``i + 1`` by default); -1 = unmapped."""
+    """``lut[i]`` = COCO category id of class index ``i`` (``i + 1`` by default); -1 = unmapped (an error when
+    that class is detected); a class mapped to ``None`` gets `_DROPPED` (its detections are left out)."""
     if class_map is None:
         return np.arange(1, nc + 1, dtype=np.int64)
     lut = np.full(max(nc, 1), -1, dtype=np.int64)
     items = class_map.items() if isinstance(class_map, Mapping) else enumerate(class_map)
     for i, c in items:
         if 0 <= int(i) < lut.size:
-            lut[int(i)] = int(c)
+            lut[int(i)] = _DROPPED if c is None else int(c)
     return lut
+
+
+_DROPPED = -2  # `_category_lookup` value of a class whose detections are dropped
 
 
 def to_coco_detections(
     image_id: int, xyxy: np.ndarray, scores: np.ndarray, classes: np.ndarray, lut: np.ndarray
 ) -> list[dict]:
     """One image's detections ``xyxy (n, 4)``, ``scores (n,)``, class indices ``classes (n,)`` -> COCO results
-    entries with ``bbox = [x1, y1, x2 - x1, y2 - y1]`` and ``category_id = lut[class]``."""
+    entries with ``bbox = [x1, y1, x2 - x1, y2 - y1]`` and ``category_id = lut[class]`` (classes whose ``lut``
+    entry is `_DROPPED` are left out)."""
     xyxy = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)
     cls = np.asarray(classes).reshape(-1).astype(np.int64)
-    if cls.size and (cls.max() >= lut.size or (lut[cls] < 0).any()):
-        missing = sorted(set(cls.tolist()) - set(np.flatnonzero(lut >= 0).tolist()))
+    if cls.size and (cls.max() >= lut.size or (lut[cls] == -1).any()):
+        missing = sorted(set(cls.tolist()) - set(np.flatnonzero(lut != -1).tolist()))
         raise DataError(f"class index(es) {missing} have no category id in class_map")
+    if cls.size and (lut[cls] == _DROPPED).any():  # classes mapped to None: not scored
+        keep = lut[cls] != _DROPPED
+        xyxy, cls, scores = xyxy[keep], cls[keep], np.asarray(scores, np.float64).reshape(-1)[keep]
     xywh = np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
     return [
         {"image_id": image_id, "category_id": c, "bbox": b, "score": s}
@@ -116,7 +124,8 @@ def predict_ultralytics(
         imgsz: inference size (square letterbox). conf, iou, max_det: Ultralytics' NMS settings
             (defaults are its validation ones: 0.001, 0.7, 300).
         device, batch, half: passed to Ultralytics.
-        class_map: class index -> COCO category id (mapping or sequence); default ``i -> i + 1``.
+        class_map: class index -> COCO category id (mapping or sequence; ``None`` drops that class's
+            detections); default ``i -> i + 1``.
         rect: Ultralytics' minimal-padding letterbox for same-shape batches. Default False: full square
             padding, batch-independent and identical to the fixed-shape ONNX path.
         progress: show a tqdm bar.
@@ -125,6 +134,10 @@ def predict_ultralytics(
     from ultralytics import YOLO
 
     items = _check_images(images)
+    if not hasattr(weights, "predict"):
+        from detkd.checkpoints import check_checkpoint
+
+        check_checkpoint(weights, "model")  # a pickled payload is refused before anything is unpickled
     model = weights if hasattr(weights, "predict") else YOLO(str(weights), task="detect")
     names = model.names
     lut = _category_lookup(class_map, len(names))
@@ -254,7 +267,7 @@ def predict_onnx(
         imgsz: for a fixed-shape model defaults to (and must equal) the model's input size; required
             for a dynamic one unless the export metadata has it.
         conf, iou, max_det, max_nms: as Ultralytics' ``non_max_suppression``.
-        class_map: class index -> COCO category id; default ``i -> i + 1``.
+        class_map: class index -> COCO category id (``None`` drops that class); default ``i -> i + 1``.
         batch: images per run when the model's batch dimension is dynamic (1 otherwise).
         threads: onnxruntime intra-op threads (default: onnxruntime's choice).
         progress: show a tqdm bar.
