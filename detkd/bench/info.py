@@ -7,6 +7,7 @@ inference gives for a ``(1, 3, imgsz, imgsz)`` input), so a PyTorch model and it
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -50,6 +51,19 @@ def _count_gflops(model, imgsz: int) -> float:
     return 2.0 * macs[0] / 1e9
 
 
+def format_gflops(g: float | None, missing: str = "—", undefined: str = "n/a") -> str:
+    """GFLOPs with at least two significant digits and no exponent: ``165``, ``28``, ``8.7``, ``0.43``, ``0.012``
+    (a tiny model at a small image size would read ``0.0`` or ``0.01`` with a fixed number of decimals)."""
+    if g is None:
+        return missing
+    g = float(g)
+    if not math.isfinite(g):
+        return undefined
+    if g == 0:
+        return "0"
+    return f"{g:.{max(0, 1 - math.floor(math.log10(abs(g))))}f}"
+
+
 def model_info(weights_path: PathLike, imgsz: int) -> dict:
     """Parameters, GFLOPs at ``imgsz`` and file size (MB, 10^6 bytes) of an Ultralytics ``.pt``.
 
@@ -65,6 +79,9 @@ def model_info(weights_path: PathLike, imgsz: int) -> dict:
     from ultralytics.nn.tasks import load_checkpoint
     from ultralytics.utils.torch_utils import get_flops
 
+    from detkd.checkpoints import check_checkpoint
+
+    check_checkpoint(p, "model")
     model, _ = load_checkpoint(str(p))
     model = model.float()
     gflops = float(get_flops(model, imgsz))

@@ -8,8 +8,11 @@ comparison and would blur the model-to-model ratio.
 - latency: ``runs`` single-image forwards after ``warmup`` untimed ones; p50 / p95 / mean / min in ms.
 - throughput: for each batch size, images per second = B / median time of one batch forward.
 - memory: peak resident set size of the process (``ru_maxrss``) and its growth over the process's RSS just
-  before the model was loaded (run each measurement in a fresh process, as `detkd.bench.run` does, for a peak
-  that belongs to one model).
+  before the model was loaded (run each measurement in a process of its own, as `detkd.bench.run` does, for a
+  peak that belongs to one model).
+
+`measure` times one model; `measure_interleaved` (what `detkd bench` uses) times several round-robin, each in its
+own worker process, until they settle or a time budget ends (`detkd.bench.noise`).
 
 The thread count is set for the measurement (``torch.set_num_threads`` / ORT ``intra_op_num_threads``, one
 inter-op thread) and restored afterwards; it and the CPU model are part of every result.
@@ -202,6 +205,141 @@ def measure(path: str | os.PathLike, engine: str, imgsz: int, threads: int = 1, 
             "throughput": thr, "peak_rss_mb": peak, "model_rss_mb": peak - base, "engine": meta["engine"],
             "precision": meta["precision"], "threads": int(threads), "imgsz": int(imgsz), "runs": int(runs),
             "warmup": int(warmup), "cpu": cpu_model(), "skipped": skipped}
+
+
+class LocalSession:
+    """One model loaded in this process and timed on request: ``meta`` (engine, precision, batch shape),
+    ``time(batch, runs, warmup)`` -> ``runs`` times in ms after ``warmup`` untimed forwards, ``stats()`` -> peak
+    memory of the process and its growth since just before loading, ``close()``. `detkd.bench.worker` serves one
+    of these per process; `measure_interleaved` times several of them round-robin."""
+
+    def __init__(self, path: str | os.PathLike, engine: str, imgsz: int, threads: int = 1):
+        if engine not in ENGINES:
+            raise DataError(f"unknown engine '{engine}'; choose from {list(ENGINES)}")
+        if threads < 1:
+            raise DataError(f"threads ({threads}) must be >= 1")
+        self.base = _rss_mb()
+        self.fn, self.meta = (torch_runner if engine == "pytorch" else ort_runner)(path, threads)
+        self.imgsz = int(imgsz)
+        self._rng = np.random.default_rng(0)
+        self._x: dict[int, np.ndarray] = {}
+
+    def time(self, batch: int, runs: int, warmup: int = 0) -> list[float]:
+        b = int(batch)
+        if b not in self._x:
+            self._x[b] = self._rng.random((b, 3, self.imgsz, self.imgsz), dtype=np.float32)
+        return _times_ms(self.fn, self._x[b], int(runs), int(warmup))
+
+    def stats(self) -> dict:
+        peak = _peak_rss_mb()
+        return {"peak_rss_mb": peak, "model_rss_mb": peak - self.base}
+
+    def close(self) -> None:
+        self.fn = None
+
+
+def measure_interleaved(jobs: Sequence[dict], imgsz: int, threads: int = 1, *, batch_sizes: Sequence[int] = (1,),
+                        runs: int = 50, warmup: int = 10, budget_s: float = 60.0, isolate: bool = True,
+                        per_round: int | None = None, progress: bool = False) -> tuple[list[dict], dict]:
+    """`measure` for several models at once, timed round-robin (`detkd.bench.noise.interleave`).
+
+    ``jobs``: ``[{"path", "engine"}, ...]``. Each job gets its own session — with ``isolate`` a worker process kept
+    alive for the whole measurement (`detkd.bench.worker.WorkerSession`: peak memory per model), else the model is
+    loaded in this process. After ``warmup`` untimed forwards of each (one model at a time), rounds ask every
+    model in turn for ``per_round`` timed batch-1 forwards (default ``min(5, runs // 3)``, at least 1), each
+    batch after one untimed forward that absorbs the hand-over from the previous model; rounds go on until every
+    model's spread (IQR / median of its per-round medians) is at most `detkd.bench.noise.STOP_SPREAD` and each
+    has ``runs`` runs, or ``budget_s`` seconds have passed (after at least 3 rounds). Throughput at each batch size
+    B > 1 is timed round-robin too (``max(3, runs // B)`` rounds of one batch after ``max(1, warmup // B)``
+    warm-up batches).
+
+    Returns ``(results, timing)``: per job, `measure`'s fields (``runs`` = the timed runs it got) plus ``spread``
+    and ``rounds``; ``timing``: ``{"rounds", "per_round", "stopped", "seconds", "budget_s", "stop_spread"}``.
+    """
+    from detkd.bench.noise import interleave, spread
+
+    if runs < 1 or warmup < 0 or threads < 1:
+        raise DataError(f"runs ({runs}) and threads ({threads}) must be >= 1 and warmup ({warmup}) >= 0")
+    bad = [int(b) for b in batch_sizes if int(b) < 1]
+    if bad:
+        raise DataError(f"batch sizes must be >= 1, got {bad[0]}")
+    k = max(1, int(per_round) if per_round else min(5, runs // 3))
+    prev = None
+    if not isolate:
+        import torch
+
+        prev = torch.get_num_threads()
+    sessions: list = []
+    bar = None
+    try:
+        if isolate:
+            from detkd.bench.worker import WorkerSession
+
+            for j in jobs:
+                sessions.append(WorkerSession(j["path"], j["engine"], imgsz, threads))
+            for s in sessions:
+                s.wait_ready()
+        else:
+            for j in jobs:
+                sessions.append(LocalSession(j["path"], j["engine"], imgsz, threads))
+        for s in sessions:
+            if warmup:
+                s.time(1, 0, warmup)
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc="bench (round-robin)", unit="round", dynamic_ncols=True)
+
+        def tick(n: int, spreads: dict) -> None:
+            if bar is not None:
+                bar.set_postfix_str(f"worst spread {100 * max(spreads.values()):.0f}%", refresh=False)
+                bar.update(1)
+
+        keys = [str(i) for i in range(len(sessions))]
+        lat = interleave({key: (lambda n, s=s: s.time(1, n, 1)) for key, s in zip(keys, sessions)}, runs=runs,
+                         per_round=k, budget_s=budget_s, on_round=tick)
+        thr: list[dict] = [{} for _ in sessions]
+        skipped: list[list[str]] = [[] for _ in sessions]
+        for b in dict.fromkeys(int(x) for x in batch_sizes):
+            ok = []
+            for i, s in enumerate(sessions):
+                if not s.meta.get("batch_dynamic", True) and b != s.meta.get("fixed_batch"):
+                    skipped[i].append(f"batch {b}: the ONNX model has a fixed batch of {s.meta.get('fixed_batch')} "
+                                      "(export with dynamic=True)")
+                else:
+                    ok.append(i)
+            if b == 1:
+                for i in ok:
+                    thr[i][1] = 1000.0 / statistics.median(lat["times"][keys[i]])
+                continue
+            for i in ok:
+                sessions[i].time(b, 0, max(1, warmup // b))
+            nb = max(3, runs // b)
+            tb = interleave({keys[i]: (lambda n, s=sessions[i]: s.time(b, n, 0)) for i in ok}, runs=nb, per_round=1,
+                            budget_s=0, min_rounds=nb, max_rounds=nb) if ok else {"times": {}}
+            for i in ok:
+                thr[i][b] = b * 1000.0 / statistics.median(tb["times"][keys[i]])
+        stats = [s.stats() for s in sessions]
+    finally:
+        if bar is not None:
+            bar.close()
+        for s in sessions:
+            s.close()
+        if prev is not None:
+            import torch
+
+            torch.set_num_threads(prev)
+    out = []
+    cpu = cpu_model()
+    for key, s, st, tp, sk in zip(keys, sessions, stats, thr, skipped):
+        t = lat["times"][key]
+        out.append({"p50": statistics.median(t), "p95": _pct(t, 95), "mean": statistics.fmean(t), "min": min(t),
+                    "spread": spread(lat["round_p50"][key]), "rounds": lat["rounds"], "throughput": tp,
+                    "peak_rss_mb": st["peak_rss_mb"], "model_rss_mb": st["model_rss_mb"],
+                    "engine": s.meta["engine"], "precision": s.meta["precision"], "threads": int(threads),
+                    "imgsz": int(imgsz), "runs": len(t), "warmup": int(warmup), "cpu": cpu, "skipped": sk})
+    timing = {x: lat[x] for x in ("rounds", "per_round", "stopped", "seconds", "budget_s", "stop_spread")}
+    return out, timing
 
 
 def torch_latency(weights: str | Path, imgsz: int, threads: int = 1, runs: int = 30, warmup: int = 5) -> dict:

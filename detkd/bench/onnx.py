@@ -41,7 +41,9 @@ def _check_pt(weights: str | os.PathLike) -> Path:
         raise DataError(f"model file not found: {p}")
     if p.suffix.lower() != ".pt":
         raise DataError(f"{p}: expected an Ultralytics detection checkpoint (.pt), got '{p.suffix}'")
-    return p
+    from detkd.checkpoints import check_checkpoint
+
+    return check_checkpoint(p, "model")  # a pickled payload is refused before anything is unpickled
 
 
 def load_detector(weights: str | os.PathLike):

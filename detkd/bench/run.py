@@ -3,9 +3,12 @@
 
 For every Ultralytics ``.pt`` the rows are: PyTorch eager FP32, its ONNX export on onnxruntime (FP32) and, with
 ``int8``, that export quantized with onnxruntime's static INT8 (calibrated on training images of ``data``). An
-``.onnx`` input gives one onnxruntime row (precision read from the graph). Each row is measured in a fresh
-process (``isolate=True``) so its peak memory is its own. "speed-up" compares rows of the same engine and
-precision with the first model given (pass the teacher first to read student-vs-teacher speed-ups).
+``.onnx`` input gives one onnxruntime row (precision read from the graph). Each row is measured in a process of
+its own (``isolate=True``) so its peak memory is its own, and all rows are timed round-robin (one batch of runs of
+each row per round, until every row settles or ``budget_s`` ends; `detkd.bench.noise`) so that load changes on a
+shared machine hit every row alike. The result's ``noise`` section says plainly when the machine was too noisy for
+the latencies to mean anything. "speed-up" compares rows of the same engine and precision with the first model
+given (pass the teacher first to read student-vs-teacher speed-ups).
 
     from detkd.bench.run import bench, format_table
     res = bench(["teacher.pt", "student.pt"], imgsz=320, threads=2, batch_sizes=(1, 8), int8=True, data="data.yaml")
@@ -16,14 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from detkd.bench.info import model_info, onnx_info
-from detkd.bench.latency import ENGINES, cpu_model, measure, model_format, onnx_precision
-from detkd.bench.worker import ERR, MARK
+from detkd.bench.info import format_gflops, model_info, onnx_info
+from detkd.bench.latency import ENGINES, cpu_model, measure_interleaved, model_format, onnx_precision
+from detkd.bench.noise import noise_line, noise_verdict
 from detkd.errors import ConfigError, DataError
 
 INT8_MAX_DROP = 1.0  # mAP50-95 points: a larger INT8 loss is called out in the notes
@@ -39,20 +40,35 @@ def _versions() -> dict:
     return out
 
 
-def _measure_isolated(args: dict) -> dict:
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(args["threads"]))
-    p = subprocess.run([sys.executable, "-m", "detkd.bench.worker", json.dumps(args)], capture_output=True, text=True,
-                       env=env)
-    for line in p.stdout.splitlines():
-        if line.startswith(MARK):
-            r = json.loads(line[len(MARK):])
-            r["throughput"] = {int(k): v for k, v in r["throughput"].items()}
-            return r
-        if line.startswith(ERR):
-            raise DataError(line[len(ERR):])
-    tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-15:])
-    raise RuntimeError(f"benchmark worker failed for {args['path']} ({args['engine']}), exit {p.returncode}:\n{tail}")
+def default_names(paths: Sequence[str | os.PathLike]) -> list[str]:
+    """Display names for ``paths``: the file stems when those are unique, else the run folder of each
+    (``runs/teacher/weights/best.pt`` -> ``teacher``), else run folder and stem (``teacher/best``), else more of the
+    path; `ConfigError` saying to pass ``--names`` when even the whole paths give no unique names."""
+    paths = [Path(p) for p in paths]
+    stems = [p.stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+
+    def parts(p: Path) -> list[str]:  # folders above the file, nearest first, without Ultralytics' 'weights'
+        return [q for q in reversed(p.parent.parts) if q not in ("weights", "/", "\\", "")]
+
+    runs = [(parts(p) or [p.stem])[0] for p in paths]
+    if len(set(runs)) == len(runs):
+        return runs
+    for depth in range(1, 1 + max(len(parts(p)) for p in paths)):
+        cand = ["/".join(list(reversed(parts(p)[:depth])) + [p.stem]) for p in paths]
+        if len(set(cand)) == len(cand):
+            return cand
+    dup = sorted({str(p) for p, n in zip(paths, stems) if stems.count(n) > 1})
+    twice = len({p.resolve() for p in paths}) < len(paths)
+    raise ConfigError(f"names must be unique, one per model, and {', '.join(dup)} give the same name"
+                      f"{' (a file is listed twice)' if twice else ''}; pass display names with --names "
+                      "(names=[...] in Python), one per model")
+
+
+def _file_tag(name: str) -> str:
+    """``name`` made safe as one file-name component (derived names such as ``teacher/best`` hold a slash)."""
+    return name.replace("/", "_").replace("\\", "_")
 
 
 def _fresh(target: Path, source: Path) -> bool:
@@ -76,6 +92,7 @@ def bench(
     out_dir: str | os.PathLike | None = None,
     isolate: bool = True,
     progress: bool = True,
+    budget_s: float = 60.0,
 ) -> dict:
     """Benchmark ``models`` (see the module docstring); returns the result dict and, with ``out_dir``, writes
     ``bench.json`` and ``bench.md`` there (ONNX exports go to ``out_dir/onnx``, else next to each ``.pt``).
@@ -83,12 +100,15 @@ def bench(
     Args:
         imgsz, threads: input size (square) and CPU threads for every measurement.
         batch_sizes: throughput is measured at each (batch 1 comes from the latency runs).
-        runs, warmup: timed and untimed batch-1 forwards per row (fewer at larger batches).
+        runs, warmup: timed (at least, unless ``budget_s`` ends first) and untimed batch-1 forwards per row (fewer
+            at larger batches).
+        budget_s: seconds of round-robin latency rounds: rounds go on until every row's spread is small (and each
+            has ``runs`` runs) or this budget ends (`detkd.bench.latency.measure_interleaved`).
         engines: subset of ``("pytorch", "onnxruntime")``.
         int8: add an onnxruntime static-INT8 row per model (needs ``data`` for calibration images).
         data: a dataset (YOLO data yaml / COCO / VOC, as `detkd eval` takes): calibration for INT8 and, when
             ``evaluate`` (default: whenever ``data`` is given), COCO mAP of every row on its val split.
-        names: display names (default: file stems).
+        names: display names (default: file stems, or run folders when stems repeat; see `default_names`).
     """
     if not models:
         raise ConfigError("bench needs at least one model")
@@ -101,14 +121,20 @@ def bench(
         raise DataError(f"dataset not found: {data}")
     if threads < 1 or runs < 1 or any(int(b) < 1 for b in batch_sizes):
         raise ConfigError(f"threads ({threads}), runs ({runs}) and batch sizes ({list(batch_sizes)}) must be >= 1")
+    if not budget_s >= 0:
+        raise ConfigError(f"budget_s ({budget_s}) must be >= 0 seconds")
     evaluate = data is not None if evaluate is None else evaluate
     if evaluate and data is None:
         raise ConfigError("evaluate=True needs data=<dataset yaml>")
     paths = [Path(m) for m in models]
     kinds = [model_format(p) for p in paths]  # every file is checked before any work starts
-    names = list(names) if names else [p.stem for p in paths]
-    if len(names) != len(paths) or len(set(names)) != len(names):
-        raise ConfigError(f"names must be unique, one per model; got {names}")
+    if names:
+        names = [str(n) for n in names]
+        if len(names) != len(paths) or len(set(names)) != len(names):
+            raise ConfigError(f"names must be unique, one per model: got {len(names)} name(s) {names} for "
+                              f"{len(paths)} model(s)")
+    else:
+        names = default_names(paths)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         (out / "onnx").mkdir(parents=True, exist_ok=True)
@@ -124,7 +150,7 @@ def bench(
             if "pytorch" in engines:
                 plan.append({"model": name, "source": str(p), "path": str(p), "engine": "pytorch"})
             if "onnxruntime" in engines or int8:
-                target = (out / "onnx" / f"{name}.onnx") if out is not None else p.with_suffix(".onnx")
+                target = (out / "onnx" / f"{_file_tag(name)}.onnx") if out is not None else p.with_suffix(".onnx")
                 if not _fresh(target, p):
                     from detkd.bench.onnx import export_onnx
 
@@ -142,34 +168,33 @@ def bench(
                 continue
             from detkd.bench.quantize import quantize_int8
 
-            target = (out / "onnx" / f"{name}.int8.onnx") if out is not None else fp32_onnx.with_suffix(".int8.onnx")
+            target = ((out / "onnx" / f"{_file_tag(name)}.int8.onnx") if out is not None
+                      else fp32_onnx.with_suffix(".int8.onnx"))
             q = quantize_int8(fp32_onnx, data, imgsz, out=target, n_calib=n_calib, progress=progress)
             plan.append({"model": name, "source": str(p), "path": str(q["path"]), "engine": "onnxruntime",
                          "quantization": {k: v for k, v in q.items() if k != "path"}})
 
     # ---- measure ----
     rows: list[dict] = []
-    bar = tqdm(plan, desc="bench", unit="model", disable=not progress, dynamic_ncols=True)
-    for r in bar:
-        bar.set_postfix_str(f"{r['model']} {r['engine']}")
-        args = {"path": r["path"], "engine": r["engine"], "imgsz": int(imgsz), "threads": int(threads),
-                "batch_sizes": [int(b) for b in batch_sizes], "runs": int(runs), "warmup": int(warmup)}
-        lat = _measure_isolated(args) if isolate else measure(**args)
+    lats, timing = measure_interleaved([{"path": r["path"], "engine": r["engine"]} for r in plan], int(imgsz),
+                                       int(threads), batch_sizes=[int(b) for b in batch_sizes], runs=int(runs),
+                                       warmup=int(warmup), budget_s=float(budget_s), isolate=isolate, progress=progress)
+    for r, lat in zip(plan, lats):
         info = model_info(r["path"], imgsz) if r["engine"] == "pytorch" else onnx_info(r["path"], imgsz)
         rows.append({**r, "precision": lat["precision"], "latency_ms": {k: lat[k] for k in
-                     ("p50", "p95", "mean", "min", "runs", "warmup", "threads", "imgsz", "engine", "cpu")},
+                     ("p50", "p95", "mean", "min", "spread", "rounds", "runs", "warmup", "threads", "imgsz", "engine",
+                      "cpu")},
                      "throughput": lat["throughput"], "peak_rss_mb": lat["peak_rss_mb"],
                      "model_rss_mb": lat["model_rss_mb"], "params": info["params"], "gflops": info["gflops"],
                      "size_mb": info["size_mb"]})
         notes += [f"{r['model']} {r['engine']}: {s}" for s in lat["skipped"]]
-    bar.close()
 
     # ---- accuracy ----
     if evaluate:
         from detkd.eval.run import evaluate_model
 
         for r in tqdm(rows, desc="mAP", unit="model", disable=not progress, dynamic_ncols=True):
-            tag = f"{r['model']}_{r['engine']}_{r['precision']}"
+            tag = f"{_file_tag(r['model'])}_{r['engine']}_{r['precision']}"
             m = evaluate_model(r["path"], data, imgsz=imgsz, threads=threads, voc=False, progress=False,
                                out_dir=(out / "eval" / tag) if out is not None else None)
             r["mAP50_95"], r["mAP50"] = m["AP"] * 100, m["AP50"] * 100
@@ -207,10 +232,14 @@ def bench(
                 else:
                     notes.append(f"{r['model']}: INT8 within {INT8_MAX_DROP:.1f} mAP50-95 of FP32 "
                                  f"({-drop:+.2f} points); {kept_txt}.")
+    noise = {**noise_verdict(rows), **timing,
+             "how": "rows timed round-robin, one batch of runs of each row per round (each batch after one untimed "
+                    "run); spread: interquartile range of a row's per-round medians over their median"}
     res = {"cpu": cpu_model(), "threads": int(threads), "imgsz": int(imgsz), "batch_sizes": [int(b) for b in batch_sizes],
-           "runs": int(runs), "warmup": int(warmup), "versions": _versions(), "data": str(data) if data else None,
+           "runs": rows[0]["latency_ms"]["runs"] if rows else int(runs), "runs_requested": int(runs),
+           "warmup": int(warmup), "versions": _versions(), "data": str(data) if data else None,
            "what": "model forward only (no letterbox / NMS), batch 1 latency in ms per image; throughput in images/s",
-           "rows": rows, "notes": notes}
+           "rows": rows, "notes": notes, "noise": noise}
     if out is not None:
         _write(out / "bench.json", json.dumps(res, indent=2))
         _write(out / "bench.md", format_table(res) + "\n")
@@ -232,8 +261,8 @@ def table_rows(res: dict) -> tuple[list[str], list[list[str]]]:
     bs = [b for b in res["batch_sizes"] if b != 1]
     has_map = any("mAP50_95" in r for r in res["rows"])
     ref = res["rows"][0]["model"] if res["rows"] else ""
-    head = ["model", "engine", "prec", "p50 ms", "p95 ms", "img/s b1", *[f"img/s b{b}" for b in bs], "peak MB",
-            "size MB", f"speed-up vs {ref}"]
+    head = ["model", "engine", "prec", "p50 ms", "p95 ms", "spread", "img/s b1", *[f"img/s b{b}" for b in bs],
+            "peak MB", "size MB", f"speed-up vs {ref}"]
     if has_map:
         head += ["mAP50-95", "mAP50"]
     out = []
@@ -241,7 +270,9 @@ def table_rows(res: dict) -> tuple[list[str], list[list[str]]]:
         lat, thr = r["latency_ms"], {int(k): v for k, v in r["throughput"].items()}
         sp = f"{r['speedup_vs_first']:.2f}x"  # same engine and precision, against the first model
         row = [r["model"], "eager" if r["engine"] == "pytorch" else "ORT", r["precision"].upper(),
-               f"{lat['p50']:.1f}", f"{lat['p95']:.1f}", _f(thr.get(1), ".1f"), *[_f(thr.get(b), ".1f") for b in bs],
+               f"{lat['p50']:.1f}", f"{lat['p95']:.1f}",
+               "—" if lat.get("spread") is None else f"{100 * lat['spread']:.0f}%",
+               _f(thr.get(1), ".1f"), *[_f(thr.get(b), ".1f") for b in bs],
                f"{r['peak_rss_mb']:.0f}", f"{r['size_mb']:.2f}", sp]
         if has_map:
             row += [_f(r.get("mAP50_95"), ".2f"), _f(r.get("mAP50"), ".2f")]
@@ -256,28 +287,36 @@ def format_table(res: dict) -> str:
     lines = [f"CPU: {res['cpu']} · {res['threads']} thread{'s' if res['threads'] != 1 else ''} · imgsz "
              f"{res['imgsz']} · {res['runs']} runs after {res['warmup']} warm-up · torch {v.get('torch')}, "
              f"onnxruntime {v.get('onnxruntime')}",
-             f"({res['what']}; peak MB: peak RSS of the measuring process; speed-up: p50 ratio against the first "
+             f"({res['what']}; peak MB: peak RSS of the measuring process; spread: interquartile range of the "
+             "row's per-round medians, % of its p50, rows timed round-robin; speed-up: p50 ratio against the first "
              "model on the same engine and precision)", "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(head))) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    verdict = noise_line(res.get("noise"))
+    if verdict:
+        lines += ["", verdict]
     seen: dict[str, dict] = {}
     for r in res["rows"]:  # one line per model: its eager row when there is one (the checkpoint), else the first
         if r["model"] not in seen or r["engine"] == "pytorch":
             seen[r["model"]] = r
     lines += ["", f"| model | params M | GFLOPs @{res['imgsz']} | file MB |", "|---|---:|---:|---:|"]
-    lines += [f"| {m} | {r['params'] / 1e6:.2f} | {_f(r['gflops'], '.2f')} | {r['size_mb']:.2f} |" for m, r in seen.items()]
+    lines += [f"| {m} | {r['params'] / 1e6:.2f} | {format_gflops(r['gflops'])} | {r['size_mb']:.2f} |" for m, r in seen.items()]
     if res["notes"]:
         lines += [""] + [f"- {n}" for n in res["notes"]]
     return "\n".join(lines)
 
 
 def latency_entry(res: dict, model: str, engine: str = "pytorch", precision: str = "fp32") -> dict | None:
-    """The ``latency_ms`` dict `detkd report` takes, for ``model`` (its name or path) on ``engine``/``precision``."""
+    """The ``latency_ms`` dict `detkd report` takes, for ``model`` (its name or path) on ``engine``/``precision``;
+    with ``"noisy": True`` when the bench found the machine too noisy for its latencies to mean anything."""
     def same(a: str, b: str) -> bool:
         return a == b or Path(a).resolve() == Path(b).resolve()
 
     for r in res["rows"]:
         if r["engine"] == engine and r["precision"] == precision and (
                 model == r["model"] or same(model, r["source"]) or same(model, r["path"])):
-            return dict(r["latency_ms"])
+            out = dict(r["latency_ms"])
+            if res.get("noise"):
+                out["noisy"] = bool(res["noise"].get("noisy"))
+            return out
     return None
