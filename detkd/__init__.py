@@ -4,6 +4,11 @@ A large teacher detector teaches a small student through three signals: classifi
 box-regression outputs and FPN feature / attention maps. See README.md and docs/DESIGN.md.
 """
 
+import os as _os
+
+# onnxruntime's native code sends telemetry unless this is set before it is imported (any detkd import comes first).
+_os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "Distiller", "DistillConfig", "load_config"]

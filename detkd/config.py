@@ -10,6 +10,7 @@ A documented example is ``configs/distill_example.yaml``; in short::
         - {student: neck.p3, teacher: neck.p3, method: cwd, weight: 1.0, options: {tau: 1.0}}
         - {student: neck.p4, teacher: neck.p4, method: fgd, adapter: auto}
       stop_epoch: null          # from this epoch on: no distillation, no teacher forward
+      stop_when_gap_stalls: null  # {patience: 5, min_delta: 0.0, action: stop_distill | stop_run}; detkd.gap
       teacher_runtime:          # how the frozen teacher runs; see TeacherRuntimeConfig
         {inference_mode: true, channels_last: false, fuse: false, half: auto, cache: false}
 
@@ -32,11 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from detkd.errors import ConfigError
+from detkd.gap import GAP_ACTIONS, GapStallConfig
 from detkd.schedules import KINDS, Schedule
 
 __all__ = ["ADAPTERS", "ScheduleConfig", "LogitConfig", "BoxConfig", "FeatureTapConfig", "TeacherRuntimeConfig",
@@ -157,14 +161,39 @@ def _check_keys(d: Any, cls, where: str, src: str) -> dict:
     return d
 
 
+MIN_TEMPERATURE = 0.01
+"""Smallest accepted temperature. As T -> 0 the T²-scaled terms (kd, ld, cwd) shrink like T (at T = 1e-3 a kd term
+is 0.1% of its T = 1 value: silently off) and sigmoid_kd (no T² factor) grows like 1/T."""
+
+TEMPERATURE_OPTIONS = ("tau", "temp", "temperature")  # loss options that are temperatures (cwd tau, fgd temp)
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)[eE][+-]?\d+")
+"""Numbers in exponent form that YAML 1.1 (PyYAML) reads as strings: ``1e30``, ``1e-3``, ``2.5e3`` (it wants a dot
+and a signed exponent). They are read as floats; other strings (``"2"``, quoted on purpose) stay errors."""
+
+
 def _num(v: Any, where: str, src: str, *, minimum: float | None = 0.0, positive: bool = False) -> float:
+    if isinstance(v, str) and _NUMBER.fullmatch(v.strip()):
+        v = float(v)  # YAML 1.1 reads 1e30 / 1e-3 as strings
+    if isinstance(v, str) and v.strip().lower().lstrip("+-.") in ("nan", "inf", "infinity"):
+        raise ConfigError(f"{src}{where}: must be a finite number, got {v!r}")
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise ConfigError(f"{src}{where}: expected a number, got {type(v).__name__} {v!r}")
+    if not math.isfinite(v):
+        raise ConfigError(f"{src}{where}: must be a finite number, got {v}")
     if positive and not v > 0:
         raise ConfigError(f"{src}{where}: must be > 0, got {v}")
     if minimum is not None and v < minimum:
         raise ConfigError(f"{src}{where}: must be >= {minimum}, got {v}")
     return float(v)
+
+
+def _temperature(v: Any, where: str, src: str) -> float:
+    t = _num(v, where, src, positive=True)
+    if t < MIN_TEMPERATURE:
+        raise ConfigError(f"{src}{where}: temperature {t:g} is too small (must be >= {MIN_TEMPERATURE}): as T -> 0 "
+                          "the kd / ld / cwd terms vanish (they scale like T) and sigmoid_kd grows like 1/T; "
+                          "typical values are 1 to 10")
+    return t
 
 
 def _opt_num(v: Any, where: str, src: str) -> float | None:
@@ -191,6 +220,13 @@ def _options(d: Any, method, where: str, src: str) -> dict:
                 hint = f"; did you mean '{m[0]}'?" if m else ""
                 raise ConfigError(f"{src}{where}.{k}: unknown option for method '{method.name}'{hint} "
                                   f"(valid: {', '.join(sorted(valid)) or 'none'})")
+    for k, v in d.items():  # numbers: finite, numeric strings (YAML 1.1's 1e-3) read as floats, temperatures bounded
+        if k in TEMPERATURE_OPTIONS and v is not None:
+            d[k] = _temperature(v, f"{where}.{k}", src)
+        elif (isinstance(v, float) and not math.isfinite(v)) or (isinstance(v, str) and _NUMBER.fullmatch(v.strip())):
+            d[k] = _num(v, f"{where}.{k}", src, minimum=None)
+        elif isinstance(v, str) and v.strip().lower().lstrip("+-.") in ("nan", "inf", "infinity"):
+            raise ConfigError(f"{src}{where}.{k}: must be a finite number, got {v!r}")
     return d
 
 
@@ -203,8 +239,9 @@ def _schedule(d: Any, where: str, src: str, *, positive: bool = False) -> Schedu
         d = {"kind": d}
     d = _check_keys(d, Schedule, where, src)
     kind = _choice(d.get("kind", "constant"), KINDS, f"{where}.kind", src, "schedule")
-    start = _num(d.get("start", 1.0), f"{where}.start", src, positive=positive)
-    end = None if d.get("end") is None else _num(d["end"], f"{where}.end", src, positive=positive)
+    num = _temperature if positive else _num
+    start = num(d.get("start", 1.0), f"{where}.start", src)
+    end = None if d.get("end") is None else num(d["end"], f"{where}.end", src)
     warmup = _num(d.get("warmup_epochs", 0.0), f"{where}.warmup_epochs", src)
     stop = _opt_num(d.get("stop_epoch"), f"{where}.stop_epoch", src)
     if positive and (warmup > 0 or stop is not None):  # a temperature must stay > 0
@@ -220,7 +257,7 @@ def _head(d: Any, klass, table: dict, where: str, src: str):
     method = table[_choice(d.get("method", klass.method), table, f"{where}.method", src, "method")]
     c = klass(method=method.name)
     c.weight = _num(d.get("weight", klass.weight), f"{where}.weight", src)
-    c.temperature = _num(d.get("temperature", klass.temperature), f"{where}.temperature", src, positive=True)
+    c.temperature = _temperature(d.get("temperature", klass.temperature), f"{where}.temperature", src)
     c.schedule = _schedule(d.get("schedule"), f"{where}.schedule", src)
     if "temperature_schedule" in d:
         c.temperature_schedule = _schedule(d["temperature_schedule"], f"{where}.temperature_schedule", src,
@@ -290,6 +327,22 @@ def _teacher_runtime(d: Any, where: str, src: str) -> TeacherRuntimeConfig:
     return rt
 
 
+def _gap_stall(d: Any, where: str, src: str) -> GapStallConfig | None:
+    if d is None or d is False:
+        return None
+    if isinstance(d, GapStallConfig):
+        d = dataclasses.asdict(d)
+    d = _check_keys({} if d is True else d, GapStallConfig, where, src)
+    g = GapStallConfig()
+    p = d.get("patience", g.patience)
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise ConfigError(f"{src}{where}.patience: expected an integer >= 1 (epochs), got {p!r}")
+    g.patience = p
+    g.min_delta = _num(d.get("min_delta", g.min_delta), f"{where}.min_delta", src)
+    g.action = _choice(d.get("action", g.action), GAP_ACTIONS, f"{where}.action", src, "action")
+    return g
+
+
 def _tap(d: Any, where: str, src: str) -> FeatureTapConfig:
     from detkd.losses.registry import FEATURE_METHODS
 
@@ -320,6 +373,7 @@ class DistillConfig:
     stop_epoch: float | None = None
     task_weight: float = 1.0
     teacher_runtime: TeacherRuntimeConfig = field(default_factory=TeacherRuntimeConfig)
+    stop_when_gap_stalls: GapStallConfig | None = None  # see detkd.gap; used by the Ultralytics integration
 
     @classmethod
     def from_dict(cls, d: dict | None, source: str | None = None) -> DistillConfig:
@@ -343,6 +397,7 @@ class DistillConfig:
                               f"({{student: name, teacher: name, method: ...}}), got {feats!r}")
         out.features = [_tap(f, f"distill.features[{i}]", src) for i, f in enumerate(feats)]
         out.teacher_runtime = _teacher_runtime(d.get("teacher_runtime"), "distill.teacher_runtime", src)
+        out.stop_when_gap_stalls = _gap_stall(d.get("stop_when_gap_stalls"), "distill.stop_when_gap_stalls", src)
         return out
 
     def to_dict(self) -> dict:

@@ -88,6 +88,31 @@ def _check_keys(cfg: dict, source: str) -> None:
         raise ConfigError(f"{source}: 'distill_model' is set by detkd from 'teacher' and 'distill'; remove it")
 
 
+def _check_numbers(cfg: dict, source: str) -> None:
+    """Top-level (Ultralytics) numbers: numeric strings (YAML 1.1 reads 1e-3 as a string) become floats for float
+    arguments; NaN / inf are refused; then Ultralytics' own type and range checks run now, as one ConfigError."""
+    import math
+
+    from detkd.config import _NUMBER
+
+    ensure_ultralytics_offline()
+    from ultralytics.cfg import CFG_FLOAT_KEYS, CFG_FRACTION_KEYS, get_cfg
+
+    for k, v in list(cfg.items()):
+        if k.startswith("_") or k in DETKD_KEYS:
+            continue
+        if k in CFG_FLOAT_KEYS | CFG_FRACTION_KEYS and isinstance(v, str) and _NUMBER.fullmatch(v.strip()):
+            cfg[k] = v = float(v)
+        bad = isinstance(v, float) and not math.isfinite(v)
+        if bad or (isinstance(v, str) and v.strip().lower().lstrip("+-.") in ("nan", "inf", "infinity")):
+            raise ConfigError(f"{source}: {k}: must be a finite number, got {v!r}")
+    args = {k: v for k, v in cfg.items() if k not in DETKD_KEYS and not k.startswith("_")}
+    try:
+        get_cfg(overrides=args)
+    except (TypeError, ValueError, SyntaxError) as e:
+        raise ConfigError(f"{source}: {' '.join(str(e).split())}") from None
+
+
 def check_data_yaml(data: str | Path) -> dict:
     """Check an Ultralytics data yaml: file exists, names present, train/val folders exist. Returns it."""
     p = Path(data)
@@ -122,6 +147,7 @@ def prepare(cfg: dict) -> tuple[str, dict, Path]:
     ensure_ultralytics_offline()
     source = cfg.get("_source", "config")
     _check_keys(cfg, source)
+    _check_numbers(cfg, source)
     from detkd.integrations import ultralytics as ul
 
     teacher_path = Path(cfg["teacher"])
@@ -136,6 +162,15 @@ def prepare(cfg: dict) -> tuple[str, dict, Path]:
     student = str(cfg["student"])
     if student.endswith(".pt") and not Path(student).is_file():
         raise ConfigError(f"student: file not found: {student} (use a model .yaml such as yolov8n.yaml to start from scratch)")
+    if student.endswith(".pt"):
+        from detkd.checkpoints import check_checkpoint
+
+        check_checkpoint(student, "student")
+    ul.check_student(student)  # unloadable, or a segment / pose / obb / classify model: refused now, not after an epoch
+    if isinstance(cfg.get("resume"), str) and cfg["resume"].endswith(".pt"):
+        from detkd.checkpoints import check_checkpoint
+
+        check_checkpoint(cfg["resume"], "resume")
     distill = cfg.get("distill")
     if distill is None:
         distill = dict(ul.DEFAULT_RECIPE)
@@ -143,7 +178,7 @@ def prepare(cfg: dict) -> tuple[str, dict, Path]:
     from detkd.config import DistillConfig
 
     probe = ul._expand_features(distill, teacher, teacher)
-    DistillConfig.from_dict(probe)
+    DistillConfig.from_dict(probe, source=source)
     resolved = {"teacher": str(teacher_path.resolve()), "distill": distill}
     text = yaml.safe_dump(resolved, sort_keys=False)
     out = detkd_home() / "runs" / f"kd-{hashlib.sha1(text.encode()).hexdigest()[:12]}.yaml"
@@ -156,9 +191,44 @@ def prepare(cfg: dict) -> tuple[str, dict, Path]:
     return student, args, out
 
 
-def train(cfg: dict) -> Path:
-    """Run distillation training. Returns the run's save directory."""
+def resolve_resume(args: dict, source: str = "config") -> dict:
+    """``resume`` among the train args (in place; returns them). ``True`` resumes the run that ``project`` / ``name``
+    name from its ``weights/last.pt``; a path resumes that checkpoint. A missing checkpoint or a finished run is one
+    ConfigError, before any run folder is made; a resumable one is said in one line."""
+    r = args.get("resume")
+    if r is None or r is False or (isinstance(r, str) and r.strip().lower() in ("", "false")):
+        return args
+    from detkd.integrations import ultralytics as ul
+
+    if r is True or (isinstance(r, str) and r.strip().lower() == "true"):
+        from types import SimpleNamespace
+
+        from ultralytics.cfg import get_save_dir
+
+        run = get_save_dir(SimpleNamespace(project=args.get("project"), name=args.get("name"), task="detect",
+                                           mode="train", exist_ok=True, save_dir=None))
+        last = run / "weights" / "last.pt"
+        if not last.is_file():
+            raise ConfigError(f"{source}: resume=True: nothing to resume in {run} ({last} not found); set project= "
+                              "and name= to the run to resume, pass resume=path/to/last.pt, or drop resume to start a "
+                              "new run")
+    else:
+        last = Path(str(r))
+    ckpt = ul.check_resumable(last)
+    total = (ckpt.get("train_args") or {}).get("epochs", "?")
+    print(f"detkd train: resuming {last.parent.parent} from {last}: epoch {ckpt['epoch'] + 2} of {total}", flush=True)
+    args["resume"] = str(last)
+    return args
+
+
+def train(cfg: dict, callbacks: dict | None = None) -> Path:
+    """Run distillation training. Returns the run's save directory.
+
+    ``callbacks``: optional ``{event: fn}`` Ultralytics callbacks added to the run (``detkd sweep`` uses
+    ``on_train_epoch_end`` / ``on_fit_epoch_end`` to report each epoch's val mAP to its pruner).
+    """
     student, args, _ = prepare(cfg)
+    resolve_resume(args, cfg.get("_source", "config"))
     if cfg.get("threads"):
         os.environ["DETKD_THREADS"] = str(int(cfg["threads"]))
     from ultralytics import YOLO
@@ -166,5 +236,7 @@ def train(cfg: dict) -> Path:
     from detkd.integrations.ultralytics import DistillTrainer
 
     model = YOLO(student, task="detect")
+    for event, fn in (callbacks or {}).items():
+        model.add_callback(event, fn)
     model.train(trainer=DistillTrainer, **args)
     return Path(model.trainer.save_dir)

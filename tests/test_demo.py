@@ -12,7 +12,17 @@ def test_demo_quick(tmp_path):
                        capture_output=True, text=True, timeout=1500, env={**os.environ})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "student mAP50-95" in r.stdout and "gap closed" in r.stdout and "CPU latency" in r.stdout
+    # --quick says, in the terminal and the report's headline, that its numbers mean nothing
+    assert "SMOKE TEST" in r.stdout and "mean nothing" in r.stdout
+    rep = json.loads((out / "report" / "report.json").read_text())
+    assert rep["headline"]["text"].startswith("SMOKE TEST") and rep["headline"]["smoke"] is True
+    # learning curves of teacher, baseline and distilled on one plot, with the gap per epoch
+    lc = next(f for f in rep["plots"] if f["key"] == "learning_curves")
+    assert (out / "report" / lc["file"]).is_file() and "gap" in lc["caption"]
+    # a stage line with an ETA per training stage
+    assert r.stdout.count("[detkd demo] stage ") == 3 and "ETA" in r.stdout
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["split"] == "test" and set(summary["ood_AP"]) == {"teacher", "baseline", "distilled"}
     for role in ("teacher", "baseline", "distilled"):
         assert (out / "runs" / role / "weights" / "best.pt").is_file()
         m = json.loads((out / "eval" / role / "metrics.json").read_text())
@@ -25,17 +35,21 @@ def test_demo_quick(tmp_path):
     assert (out / "report" / "report.md").is_file() and (out / "report" / "report.json").is_file()
     bench = json.loads((out / "bench" / "bench.json").read_text())
     kinds = {(r["model"], r["engine"], r["precision"]) for r in bench["rows"]}
-    assert kinds == {(m, e, p) for m in ("teacher", "distilled student")
+    assert kinds == {(m, e, p) for m in ("teacher", "baseline student", "distilled student")
                      for e, p in (("pytorch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"))}
     assert all("mAP50_95" in r for r in bench["rows"])
     assert "CPU deployment" in html and "INT8" in html
     assert summary["info"]["distilled"]["latency_ms"]["p50"] == next(
         r["latency_ms"]["p50"] for r in bench["rows"] if r["model"] == "distilled student" and r["engine"] == "pytorch")
+    # the baseline is timed in the same round-robin bench, so baseline vs distilled (same architecture) compare
+    assert summary["info"]["baseline"]["latency_ms"]["p50"] == next(
+        r["latency_ms"]["p50"] for r in bench["rows"] if r["model"] == "baseline student" and r["engine"] == "pytorch")
+    assert bench["noise"]["verdict"] in ("quiet", "noisy")
 
 
 def test_interrupted_stage_is_not_reused(tmp_path):
     """A stage is reused only when its results.csv logged every epoch (an interrupted run trains again)."""
-    from detkd.demo import _finished
+    from detkd.benchmark import finished as _finished
 
     csv = tmp_path / "results.csv"
     assert not _finished(csv, 2)

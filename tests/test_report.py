@@ -95,7 +95,7 @@ def test_json_numbers(full):
     assert h["gap_closed"] == pytest.approx(gap, abs=1e-12)
     assert h["delta_AP"] == pytest.approx(0.363 - 0.302, abs=1e-12)
     assert (h["baseline_AP"], h["distilled_AP"], h["teacher_AP"]) == (0.302, 0.363, 0.451)
-    assert h["latency"] == {"student_p50_ms": 21.04, "teacher_p50_ms": 81.44, "threads": 2}
+    assert h["latency"] == {"student_p50_ms": 21.04, "teacher_p50_ms": 81.44, "threads": 2, "noisy": False}
     by_name = {m["name"]: m for m in rep["models"]}
     assert by_name["baseline-n"]["size_mb"] == pytest.approx(2.5)  # measured from the weights file
     assert by_name["teacher-s"]["size_mb"] == 22.5
@@ -123,7 +123,7 @@ def test_markdown_headline_and_tables(full):
                                             ("baseline-n", BASE, "3.16", "2.5", "21.3", "24.0"),
                                             ("distilled-n", KD, "3.16", "2.5", "21.0", "23.7")):  # fmt: skip
         expect = [f"{100 * m[k]:.1f}" if m[k] >= 0 else "n/a" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
-        assert md_row(md, name)[2:] == [*expect, params, "28.6" if name == "teacher-s" else "8.9", size, p50, p95]
+        assert md_row(md, name)[2:] == [*expect, params, "29" if name == "teacher-s" else "8.9", size, p50, p95]
     # per-class rows with deltas (difference of the shown values), best/worst marked
     assert md_row(md, "**person** (best)") == ["**person** (best)", "62.0", "45.0", "52.0", "+7.0", "+10.5"]
     assert md_row(md, "car") == ["car", "55.0", "40.0", "43.0", "+3.0", "+4.5"]
@@ -144,7 +144,7 @@ def test_html_self_contained(full):
     assert refs and all(r.startswith("data:image/png;base64,") for r in refs)
     pngs = sorted(p for k, p in paths.items() if k not in ("md", "html", "json"))
     assert {p.name for p in pngs} == {f["file"] for f in rep["plots"]} == \
-        {"pr_curves.png", "per_class_ap.png", "tradeoff.png", "training_curves.png"}  # fmt: skip
+        {"pr_curves.png", "per_class_ap.png", "tradeoff.png", "training_curves.png", "learning_curves.png"}  # fmt: skip
     embedded = [base64.b64decode(r.split(",", 1)[1], validate=True) for r in refs]
     for data in embedded:
         assert data[:8] == b"\x89PNG\r\n\x1a\n"

@@ -216,7 +216,7 @@ def test_detkd_train_cli_bad_inputs(teacher_pt, data_yaml, tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     rc, err = run({**base, "teacher": str(garbage)})
-    assert rc == 2 and "could not be loaded" in err and "Traceback" not in err
+    assert rc == 2 and "not a PyTorch checkpoint" in err and str(garbage) in err and "Traceback" not in err
     rc, err = run(base, "epocs=3")
     assert rc == 2 and "did you mean 'epochs'" in err
     rc, err = run({**base, "distill": {"logits": {"method": "softmaxx"}}})

@@ -1,15 +1,24 @@
 #!/usr/bin/env python
 """The distillation benchmark table on the built-in security-camera data.
 
-Rows: teacher, student baseline, Ultralytics' built-in `distill_model`, detkd logits only, boxes only, each
-feature method (fitnet, cwd, pkd, at, mgd, fgd), and all three signals combined. Every student row uses the same
-data, epochs and seed; with several seeds the table gives mAP50-95 mean ± std and whether each row gained on
-every seed.
+Default rows (each student row for every seed, same data, epochs, seed and augmentation):
+  teacher            trained once, to its plateau
+  baseline           the student alone
+  ultralytics        Ultralytics' built-in `distill_model` (feature MSE) from the same teacher
+  detkd              detkd's default recipe (logits + boxes + features)
+  baseline_2x        the student alone for twice the epochs ("does distillation halve the bill?")
+Optional rows: logits, boxes, feat_<method> (fitnet cwd pkd at mgd fgd) — single-signal ablations.
 
-  python tools/kd_benchmark.py --budget full --seeds 0 1 2 --out runs/kd_benchmark
-  python tools/kd_benchmark.py --budget default --seeds 0 --rows baseline ultralytics all   # a short run
+mAP50-95 by `detkd eval` (pycocotools) on the budget's *test* split, which nothing trains or chooses on
+(Ultralytics picks best.pt on val; sweeps choose on val), and on the *test_ood* split (cameras never seen in
+training). Learning curves (val mAP per epoch, from results.csv) go to curves.json and a report.
 
-Stages that already logged all their epochs are reused, so an interrupted benchmark continues where it stopped.
+  python tools/kd_benchmark.py --budget bench --seeds 0 1 2 --out runs/kd_benchmark
+  python tools/kd_benchmark.py --budget bench --seeds 0 --rows teacher baseline detkd      # a subset
+  python tools/kd_benchmark.py --budget full --device cuda                                 # GPU regime
+
+Every training is a stage: a finished stage is reused, an interrupted one is trained again, so rerunning the same
+command continues where it stopped. progress.json says which stages are done; each stage prints an ETA.
 """
 
 from __future__ import annotations
@@ -18,105 +27,153 @@ import argparse
 import json
 import os
 import statistics
+import sys
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detkd.integrations.ultralytics_env import ensure_ultralytics_offline
+from detkd.integrations.ultralytics_env import ensure_ultralytics_offline  # noqa: E402
 
 ensure_ultralytics_offline()
 
-from detkd.demo import BUDGETS, DISTILL, _finished, _train  # noqa: E402
+from detkd.benchmark import BUDGETS, Stage, StageRunner, budget, make_data, say  # noqa: E402
 
 FEATURES = ("fitnet", "cwd", "pkd", "at", "mgd", "fgd")
+DEFAULT_ROWS = ["teacher", "baseline", "ultralytics", "detkd", "baseline_2x"]
 
 
-def recipes() -> dict[str, dict | None]:
-    r: dict[str, dict | None] = {"baseline": None, "ultralytics": None}
-    r["logits"] = {**DISTILL, "boxes": None, "features": None}
-    r["boxes"] = {**DISTILL, "logits": None, "features": None}
+def recipes(distill: dict) -> dict[str, dict | None]:
+    r: dict[str, dict | None] = {"baseline": None, "ultralytics": None, "baseline_2x": None, "detkd": dict(distill)}
+    r["logits"] = {**distill, "boxes": None, "features": None}
+    r["boxes"] = {**distill, "logits": None, "features": None}
     for m in FEATURES:
-        r[f"feat_{m}"] = {**DISTILL, "logits": None, "boxes": None, "feature_method": m}
-    r["all"] = dict(DISTILL)
+        r[f"feat_{m}"] = {**distill, "logits": None, "boxes": None, "feature_method": m}
     return r
+
+
+def stages_for(rows: list[str], seeds: list[int], b) -> list[Stage]:
+    st = [Stage("teacher", "teacher", b.teacher, b.teacher_epochs, 0)]
+    rec = recipes(b.distill)
+    for seed in seeds:  # seed-major: a finished seed gives a complete partial table
+        for row in rows:
+            if row == "teacher":
+                continue
+            if row not in rec:
+                raise SystemExit(f"unknown row {row!r}; choose from: teacher {' '.join(rec)}")
+            name = f"{row}_s{seed}"
+            if row in ("baseline", "baseline_2x"):
+                st.append(Stage(name, "student", b.student, b.student_epochs * (2 if row == "baseline_2x" else 1), seed))
+            elif row == "ultralytics":
+                st.append(Stage(name, "ultralytics", b.student, b.student_epochs, seed, teacher_from="teacher"))
+            else:
+                st.append(Stage(name, "distilled", b.student, b.student_epochs, seed, distill=rec[row],
+                                teacher_from="teacher"))
+    return st
+
+
+def _map_curve(csv: Path) -> list[float]:
+    from detkd.report.report import read_results_csv
+
+    log = read_results_csv(csv)
+    col = next(c for c in log if c.replace(" ", "") == "metrics/mAP50-95(B)")
+    return [round(float(x) * 100, 2) for x in log[col]]
+
+
+def table(results: dict[str, dict[str, list[float]]], split: str, seeds: list[int], b) -> list[str]:
+    """Markdown rows: mean ± std over seeds, per seed, gain on every seed, gap closed, vs Ultralytics."""
+    res = {row: v[split] for row, v in results.items() if split in v}
+    lines = [f"| row | mAP50-95 mean ± std | per seed | gain on every seed | gap closed |", "|---|---:|---|---|---:|"]
+    t = res.get("teacher", [None])[0]
+    base = res.get("baseline", [])
+    for row, v in res.items():
+        sd = statistics.stdev(v) if len(v) > 1 else 0.0
+        m = statistics.mean(v)
+        gain = "" if row in ("teacher", "baseline") or len(base) != len(v) else \
+            ("yes" if all(x > y for x, y in zip(v, base)) else "no")
+        gap = ""
+        if t is not None and base and row != "teacher" and t > statistics.mean(base):
+            gap = f"{(m - statistics.mean(base)) / (t - statistics.mean(base)) * 100:.0f}%"
+        lines.append(f"| {row} | {m:.2f} ± {sd:.2f} | {' / '.join(f'{x:.2f}' for x in v)} | {gain} | {gap} |")
+    if "detkd" in res and "ultralytics" in res:
+        d = statistics.mean(res["detkd"]) - statistics.mean(res["ultralytics"])
+        lines.append(f"\ndetkd - Ultralytics' distill_model: {d:+.2f} mAP50-95 (goal >= +1.0)")
+    if "detkd" in res and "baseline_2x" in res:
+        d = statistics.mean(res["detkd"]) - statistics.mean(res["baseline_2x"])
+        lines.append(f"detkd at {b.student_epochs} epochs - baseline at {2 * b.student_epochs}: {d:+.2f} "
+                     f"(>= 0: distillation halves the bill)")
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget", choices=sorted(BUDGETS), default="full")
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="bench")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--rows", nargs="+", default=None, help=f"subset of: teacher {' '.join(recipes())}")
+    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS)
+    ap.add_argument("--data-seed", type=int, default=0, help="seed of the generated data (other variants: 1, 2, ...)")
     ap.add_argument("--out", default="runs/kd_benchmark")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--no-eval", action="store_true", help="train only (evaluate in a later run)")
     a = ap.parse_args()
-    from ultralytics import YOLO
-
-    from detkd.data.synth import generate
     from detkd.eval.run import evaluate_model
 
-    b = BUDGETS[a.budget]
+    b = budget(a.budget, a.device)
     out = Path(a.out).resolve()
-    data_yaml = out / "data" / "data.yaml"
-    if not data_yaml.exists():
-        generate(out / "data", seed=0, n_train=b.n_train, n_val=b.n_val, imgsz=b.imgsz)
-    rows = a.rows or ["teacher", *recipes()]
-    teacher, _ = (out / "runs" / "teacher" / "weights" / "best.pt", None)
-    if not (teacher.exists() and _finished(teacher.parents[1] / "results.csv", b.teacher_epochs)):
-        teacher, _ = _train(b.teacher, data_yaml, out / "runs", "teacher", b.teacher_epochs, b, a.threads, 0)
-    results: dict[str, list[dict]] = {}
-
-    def ev(weights: Path, tag: str) -> dict:
-        m = evaluate_model(weights, data_yaml, imgsz=b.imgsz, out_dir=out / "eval" / tag, threads=a.threads,
-                           progress=False, voc=False)
-        return {"AP": m["AP"] * 100, "AP50": m["AP50"] * 100}
-
-    if "teacher" in rows:
-        results["teacher"] = [ev(teacher, "teacher")]
-    for name, recipe in recipes().items():
-        if name not in rows:
-            continue
-        for seed in a.seeds:
-            tag = f"{name}_s{seed}"
-            best = out / "runs" / tag / "weights" / "best.pt"
-            if not (best.exists() and _finished(best.parents[1] / "results.csv", b.student_epochs)):
-                if name == "ultralytics":  # Ultralytics' own feature KD: distill_model=<teacher .pt>
-                    import torch
-
-                    model = YOLO(b.student)
-                    model.add_callback("on_pretrain_routine_start", lambda tr: torch.set_num_threads(a.threads))
-                    model.train(data=str(data_yaml), epochs=b.student_epochs, imgsz=b.imgsz, batch=b.batch,
-                                device="cpu", workers=0, project=str(out / "runs"), name=tag, exist_ok=True,
-                                seed=seed, deterministic=True, amp=False, plots=False, verbose=False,
-                                close_mosaic=max(1, b.student_epochs // 4), distill_model=str(teacher))
-                    best = Path(model.trainer.save_dir) / "weights" / "best.pt"
-                else:
-                    kd = None
-                    if recipe is not None:
-                        kd = out / f"{tag}.yaml"
-                        kd.write_text(yaml.safe_dump({"teacher": str(teacher), "distill": recipe}))
-                    best, _ = _train(b.student, data_yaml, out / "runs", tag, b.student_epochs, b, a.threads, seed, kd)
-            results.setdefault(name, []).append(ev(best, tag))
-    base = [r["AP"] for r in results.get("baseline", [])]
-    lines = [f"# kd_benchmark: budget {a.budget} ({b.student} <- {b.teacher}, {b.student_epochs} epochs, imgsz "
-             f"{b.imgsz}, {b.n_train} train / {b.n_val} val), seeds {a.seeds}, {a.threads} threads",
-             f"{'row':<14}{'mAP50-95':>18}{'mAP50':>16}  gain on every seed"]
-    for name, rs in results.items():
-        ap_ = [r["AP"] for r in rs]
-        ap50 = [r["AP50"] for r in rs]
-        sd = statistics.stdev(ap_) if len(ap_) > 1 else 0.0
-        sd50 = statistics.stdev(ap50) if len(ap50) > 1 else 0.0
-        gain = "" if name in ("teacher", "baseline") or len(base) != len(ap_) else \
-            ("yes" if all(x > y for x, y in zip(ap_, base)) else "no")
-        lines.append(f"{name:<14}{statistics.mean(ap_):>11.2f} ± {sd:<4.2f}{statistics.mean(ap50):>9.2f} ± {sd50:<4.2f}  {gain}")
-    if "teacher" in results and base and "all" in results:
-        t = results["teacher"][0]["AP"]
-        k = statistics.mean(r["AP"] for r in results["all"])
-        s = statistics.mean(base)
-        lines.append(f"gap closed by 'all': {(k - s) / (t - s) * 100:.0f}%" if t > s else "teacher <= baseline: gap n/a")
+    out.mkdir(parents=True, exist_ok=True)
+    say("kd_benchmark", f"budget '{a.budget}': teacher {Path(b.teacher).stem} {b.teacher_epochs} ep, students "
+                        f"{Path(b.student).stem} {b.student_epochs} ep, {b.n_train} frames at {b.imgsz} px, seeds "
+                        f"{a.seeds}, rows {a.rows}, {a.threads} threads, device {a.device}")
+    data_yaml = make_data(out / "data", b, a.data_seed, "kd_benchmark")
+    stages = stages_for(a.rows, a.seeds, b)
+    weights = StageRunner(out, data_yaml, b, a.threads, stages, "kd_benchmark").run()
+    if a.no_eval:
+        return
+    splits = [b.report_split] + (["test_ood"] if b.ood_cameras else [])
+    cache = out / "eval" / "cache.json"  # evaluations are stages too: reused while the weights are unchanged
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    results: dict[str, dict[str, list[float]]] = {}
+    for st in stages:
+        row = st.name.rsplit("_s", 1)[0] if st.name != "teacher" else "teacher"
+        for split in splits:
+            key = f"{st.name}/{split}/{weights[st.name].stat().st_mtime_ns}"
+            if key not in done:
+                m = evaluate_model(weights[st.name], data_yaml, split=split, imgsz=b.imgsz,
+                                   out_dir=out / "eval" / split / st.name, threads=a.threads, progress=False, voc=False)
+                done[key] = m["AP"] * 100
+                cache.write_text(json.dumps(done, indent=1))
+            results.setdefault(row, {}).setdefault(split, []).append(done[key])
+    curves = {st.name: _map_curve(out / "runs" / st.name / "results.csv") for st in stages}
+    (out / "curves.json").write_text(json.dumps(curves, indent=1))
+    lines = [f"# kd_benchmark: budget {a.budget} ({Path(b.student).stem} <- {Path(b.teacher).stem}, students "
+             f"{b.student_epochs} epochs, teacher {b.teacher_epochs}, imgsz {b.imgsz}, {b.n_train} train frames, data "
+             f"seed {a.data_seed}), training seeds {a.seeds}, {a.threads} threads"]
+    for split in splits:
+        lines += ["", f"## {split} split" + (" (cameras never seen in training)" if split == "test_ood" else ""), ""]
+        lines += table(results, split, a.seeds, b)
+    lines += ["", "## val mAP50-95 per epoch (learning curves; seed 0)", ""]
+    for name, c in curves.items():
+        if name == "teacher" or name.endswith("_s0"):
+            lines.append(f"- {name}: " + " ".join(f"{x:.1f}" for x in c))
     text = "\n".join(lines)
     print(text)
-    (out / "table.txt").write_text(text + "\n")
+    (out / "table.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    _report(out, stages, weights, b, splits[0])
+
+
+def _report(out: Path, stages, weights, b, split: str) -> None:
+    """A detkd report (learning curves of teacher / baseline / detkd / baseline_2x, per-class AP) for seed 0."""
+    from detkd.report.report import ModelEntry, build_report
+
+    roles = {"teacher": "teacher", "baseline_s0": "baseline", "detkd_s0": "distilled", "baseline_2x_s0": "other",
+             "ultralytics_s0": "other"}
+    entries = [ModelEntry(role=roles[s.name], name=s.name, metrics=str(out / "eval" / split / s.name / "metrics.json"),
+                          weights=str(weights[s.name]), results_csv=str(out / "runs" / s.name / "results.csv"))
+               for s in stages if s.name in roles]
+    if len(entries) >= 2:
+        p = build_report(entries, out / "report", title="kd_benchmark (seed 0)",
+                         dataset=f"built-in security-camera data, {b.n_train} train frames, {b.imgsz} px; '{split}' split")
+        say("kd_benchmark", f"report: {p.get('html')}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ Teacher cost options (``distill.teacher_runtime``: inference_mode, channels_last
 the Distiller; here the image file names (``batch['im_file']``) are the cache keys, and :func:`check_teacher_cache`
 refuses the cache while random augmentations are on.
 
+Gap monitor (``detkd/integrations/ultralytics_gap.py``): the teacher is evaluated once on the val split at the start
+of training (cached); every epoch ``kd/teacher_mAP50-95`` and ``kd/gap`` go into ``results.csv`` and the log, and
+``distill.stop_when_gap_stalls`` stops distillation or the run when the gap stops closing.
+
 Checkpoints (``last.pt``, ``best.pt``) hold the plain student ``DetectionModel`` only: they load with plain
 Ultralytics (``yolo predict``, ``yolo export``) where detkd is not installed. The distillation state needed to
 resume (adapter weights, their EMA) goes to ``weights/last.kd.pt`` beside them. Both are written atomically.
@@ -52,9 +56,10 @@ from ultralytics.utils import LOGGER, RANK, YAML  # noqa: E402
 from ultralytics.utils.tal import make_anchors  # noqa: E402
 from ultralytics.utils.torch_utils import ModelEMA, unwrap_model  # noqa: E402
 
+from detkd.checkpoints import check_checkpoint  # noqa: E402
 from detkd.config import DistillConfig  # noqa: E402
 from detkd.distiller import DenseOutputs, Distiller  # noqa: E402
-from detkd.errors import ConfigError  # noqa: E402
+from detkd.errors import ConfigError, DetkdError  # noqa: E402
 from detkd.integrations.recipes import DEFAULT_RECIPE  # noqa: E402
 
 __all__ = [
@@ -100,6 +105,7 @@ def load_teacher(path: str | Path) -> DetectionModel:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"teacher: file not found: {p}. Train a teacher first or point 'teacher' at a .pt file")
+    check_checkpoint(p, "teacher")  # refuses a pickled payload before anything is unpickled
     try:
         model, _ = load_checkpoint(str(p))
     except Exception as e:  # torch/pickle/zip errors, Ultralytics format errors
@@ -113,6 +119,111 @@ def load_teacher(path: str | Path) -> DetectionModel:
     for q in model.parameters():
         q.requires_grad_(False)
     return model
+
+
+def not_detection(model: nn.Module) -> str | None:
+    """None for a detection model; else what it is, e.g. ``"a segment model (Segment head)"``."""
+    from ultralytics.nn.modules.head import OBB, Pose, Segment, YOLOESegment
+
+    model = getattr(model, "student_model", model)
+    layers = getattr(model, "model", None)
+    head = layers[-1] if isinstance(layers, (nn.Sequential, nn.ModuleList)) and len(layers) else None
+    task = getattr(model, "task", None) or "detect"
+    if task == "detect" and isinstance(head, Detect) and not isinstance(head, (Segment, Pose, OBB, YOLOESegment)):
+        return None
+    from ultralytics.nn.tasks import guess_model_task
+
+    if task == "detect":
+        task = guess_model_task(model)
+    return f"a {task} model ({type(head).__name__ if head is not None else type(model).__name__} head)"
+
+
+def check_student(student: str | Path) -> None:
+    """Refuse, before any training, a student that cannot be built or is not a detection model (one ConfigError).
+
+    ``student`` is a model ``.yaml`` (from scratch; Ultralytics' own names such as ``yolov8n.yaml`` resolve) or an
+    Ultralytics ``.pt`` (fine-tuning).
+    """
+    import re
+
+    s = str(student)
+    fix = re.sub(r"-(seg|pose|obb|cls|sem)(?=[.-]|$)", "", Path(s).name)
+    hint = f" such as {fix}" if fix != Path(s).name else " (a model yaml whose head is Detect)"
+    if s.endswith(".pt"):
+        check_checkpoint(s, "student")
+        try:
+            model, _ = load_checkpoint(s)
+        except Exception as e:  # torch/pickle/zip errors, Ultralytics format errors
+            msg = " ".join(str(e).split())[:300]
+            raise ConfigError(f"student: {s} could not be loaded as an Ultralytics checkpoint ({type(e).__name__}: "
+                              f"{msg})") from None
+        what = not_detection(model)
+    elif s.endswith((".yaml", ".yml")):
+        from ultralytics.nn.tasks import guess_model_task, yaml_model_load
+
+        try:
+            d = yaml_model_load(s)
+            task = guess_model_task(d)
+        except Exception as e:  # missing file, bad YAML, no 'head'
+            raise ConfigError(f"student: {s} is not a readable Ultralytics model yaml ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]})") from None
+        what = None if task == "detect" else f"a {task} model ({d['head'][-1][-2]} head)"
+    else:
+        raise ConfigError(f"student: {s}: expected a model .yaml (e.g. yolov8n.yaml, from scratch) or an Ultralytics "
+                          ".pt checkpoint")
+    if what is not None:
+        raise ConfigError(f"student: {s} is {what}; detkd distils detection models only. Use a detection "
+                          f"student{hint}")
+
+
+def check_resumable(path: str | Path) -> dict:
+    """The checkpoint dict of ``path`` when it can resume a run; else one ConfigError saying what to do instead."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"resume: checkpoint not found: {p}")
+    check_checkpoint(p, "resume")
+    try:
+        _, ckpt = load_checkpoint(str(p))
+    except Exception as e:
+        raise ConfigError(f"resume: {p} could not be loaded as an Ultralytics checkpoint ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:300]})") from None
+    args = ckpt.get("train_args") or {}
+    run = Path(args.get("save_dir") or p.parent.parent)
+    done = len((ckpt.get("train_results") or {}).get("epoch") or []) or (ckpt.get("epoch", -1) + 1)
+    total = args.get("epochs")
+    if ckpt.get("epoch", -1) < 0 or ckpt.get("optimizer") is None or (total and ckpt["epoch"] + 1 >= total):
+        n = done or total
+        raise ConfigError(
+            f"run {run} already finished {n} epoch{'s' if n != 1 else ''}; nothing to resume. To train longer, start a "
+            f"new run from its weights: student={p} epochs=<more> with a new name= and without resume"
+        )
+    return ckpt
+
+
+def lock_run_dir(save_dir: str | Path):
+    """Hold ``<save_dir>/.detkd.lock`` (an fcntl lock, released when the process ends); one ConfigError when another
+    live process holds it. Returns the open lock file (close it to release), or None where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock
+        return None
+    d = Path(save_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    f = open(d / ".detkd.lock", "a+")  # noqa: SIM115 - held open for the run
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        who = " ".join(f.read().split())
+        f.close()
+        raise ConfigError(f"run folder {d} is in use by another training run{f' ({who})' if who else ''}: two runs "
+                          "would interleave results.csv and checkpoints. Give this run another name= (or drop "
+                          "exist_ok), or wait for that run to finish") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def _names(model: nn.Module) -> list[str]:
@@ -432,15 +543,38 @@ class KDDetectionModel(DistillationModel):
         return torch.cat([regular * self.task_weight, kd * bs]), items
 
 
-def _atomic_replace(tmp: Path, dst: Path) -> None:
-    if tmp.exists():
-        os.replace(tmp, dst)
+class DiskFullError(DetkdError, OSError):
+    """A checkpoint could not be written because the disk (or quota) is full; the previous checkpoints are intact."""
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _disk_full(e: BaseException, path: Path, last: Path, epoch: int | None) -> BaseException:
+    """``e`` as a one-line :class:`DiskFullError` when it is a full disk (ENOSPC / EDQUOT, or torch's failed file
+    write on a nearly full disk); else ``e`` itself."""
+    import errno
+    import shutil
+
+    if isinstance(e, DetkdError):
+        return e
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not full and isinstance(e, RuntimeError) and "write" in str(e).lower():
+        try:
+            full = shutil.disk_usage(path.parent).free < 64 * 2**20
+        except OSError:
+            full = False
+    if not full:
+        return e
+    good = f"{last}{f' (epoch {epoch + 1})' if epoch is not None else ''}" if last.exists() else "none yet"
+    hint = f"; free some space, then resume with resume={last}" if last.exists() else ""
+    return DiskFullError(f"no space left on device writing {path}; last good checkpoint: {good}{hint}")
+
+
+def _resync_nonfinite(ema: nn.Module, live: nn.Module) -> None:
+    """Copy each non-finite EMA tensor from the live model where that one is finite (Ultralytics' save_model does
+    this with the student's keys, which the wrapper's state dict does not have)."""
+    live_sd = live.state_dict()
+    for k, v in ema.state_dict().items():
+        if v.is_floating_point() and not torch.isfinite(v).all() and k in live_sd and torch.isfinite(live_sd[k]).all():
+            v.copy_(live_sd[k])
 
 
 class DistillTrainer(DetectionTrainer):
@@ -452,19 +586,51 @@ class DistillTrainer(DetectionTrainer):
     def __init__(self, cfg=None, overrides: dict | None = None, _callbacks=None):
         from ultralytics.utils import DEFAULT_CFG
 
-        super().__init__(cfg or DEFAULT_CFG, overrides, _callbacks)
-        if os.environ.get("DETKD_THREADS"):  # Ultralytics sets 1 CPU thread on a 2-core machine; let users choose
-            torch.set_num_threads(int(os.environ["DETKD_THREADS"]))
-        if not self.args.distill_model:
-            raise ConfigError("DistillTrainer needs distill_model=<detkd YAML or teacher .pt>")
-        self.teacher_path, self.distill_dict = load_kd_settings(self.args.distill_model)
-        if not self.teacher_path.is_file():
-            raise ConfigError(f"teacher: file not found: {self.teacher_path}")
-        self.kd_state_path = self.wdir / "last.kd.pt"
+        try:
+            super().__init__(cfg or DEFAULT_CFG, overrides, _callbacks)
+            if os.environ.get("DETKD_THREADS"):  # Ultralytics sets 1 CPU thread on a 2-core machine; let users choose
+                torch.set_num_threads(int(os.environ["DETKD_THREADS"]))
+            if not self.args.distill_model:
+                raise ConfigError("DistillTrainer needs distill_model=<detkd YAML or teacher .pt>")
+            self.teacher_path, self.distill_dict = load_kd_settings(self.args.distill_model)
+            if not self.teacher_path.is_file():
+                raise ConfigError(f"teacher: file not found: {self.teacher_path}")
+            self.kd_state_path = self.wdir / "last.kd.pt"
+        except BaseException:
+            self._release_run_lock()
+            raise
+
+    # --- run folder: resumable check, one run at a time ----------------------------------------------------------
+    def check_resume(self, overrides):
+        """Ultralytics' resume check, after detkd's: a finished run is refused before any folder is made. Then the
+        run folder is locked (``.detkd.lock``) so that a second run into it is refused instead of interleaving."""
+        r = self.args.resume
+        if isinstance(r, (str, Path)) and str(r) not in ("True", "False", "") and Path(r).is_file():
+            check_resumable(r)
+        super().check_resume(overrides)
+        if RANK == -1:  # DDP workers (RANK >= 0) run under their launching process's lock
+            from ultralytics.cfg import get_save_dir
+
+            self.args.save_dir = str(get_save_dir(self.args))  # pinned: the folder locked is the folder used
+            self._run_lock = lock_run_dir(self.args.save_dir)
+
+    def _release_run_lock(self):
+        f = self.__dict__.pop("_run_lock", None)
+        if f is not None:
+            f.close()
+
+    def train(self):
+        try:
+            return super().train()
+        finally:
+            self._release_run_lock()
 
     # --- model ---------------------------------------------------------------------------------------------------
     def get_model(self, cfg=None, weights=None, verbose=True):
         student = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+        what = not_detection(student)
+        if what is not None:
+            raise ConfigError(f"student: {self.args.model} is {what}; detkd distils detection models only")
         student.args = self.args
         teacher = load_teacher(self.teacher_path)
         imgsz = self.args.imgsz if isinstance(self.args.imgsz, int) else max(self.args.imgsz)
@@ -486,30 +652,140 @@ class DistillTrainer(DetectionTrainer):
         super()._model_train()
         unwrap_model(self.model).distiller.set_progress(self.epoch, self.epochs)
 
+    # --- teacher-student gap (detkd/integrations/ultralytics_gap.py) -------------------------------------------------
+    def _setup_train(self):
+        super()._setup_train()
+        from detkd.integrations.ultralytics_gap import TrainerGapMonitor
+
+        self.gap_monitor = TrainerGapMonitor(self)  # evaluates the teacher once (cached), replays a resumed run
+
+    def validate(self):
+        metrics, fitness = super().validate()
+        gm = getattr(self, "gap_monitor", None)
+        return (gm.after_validate(metrics) if gm is not None else metrics), fitness
+
+    def run_callbacks(self, event: str):
+        super().run_callbacks(event)
+        gm = getattr(self, "gap_monitor", None)
+        if event == "on_fit_epoch_end" and gm is not None:  # not add_callback: the callbacks dict is the YOLO object's
+            gm.on_fit_epoch_end(self)
+
     # --- checkpoints ---------------------------------------------------------------------------------------------
     def save_model(self):
-        """Write plain-student checkpoints (loadable without detkd) plus ``last.kd.pt``; all writes atomic."""
-        wrapper_ema = self.ema.ema
-        last, best = self.last, self.best
-        tmp_last, tmp_best = last.with_name(last.name + ".tmp"), best.with_name(best.name + ".tmp")
-        self.wdir.mkdir(parents=True, exist_ok=True)
-        _atomic_torch_save(
-            {
-                "epoch": self.epoch,
-                "distiller": unwrap_model(self.model).distiller.state_dict(),
-                "distiller_ema": wrapper_ema.distiller.state_dict(),
-                "distill_model": str(self.args.distill_model),
-            },
-            self.kd_state_path,
-        )
-        self.ema.ema, self.last, self.best = wrapper_ema.student_model, tmp_last, tmp_best
+        """Write plain-student checkpoints (loadable without detkd) plus ``last.kd.pt``; all writes atomic.
+
+        Every file is written to ``<name>.tmp`` first and renamed over the old one only once all are written, so a
+        failed write (a full disk) leaves the previous checkpoints intact and no ``.tmp`` behind; a full disk is
+        reported as one :class:`DiskFullError` line naming the file and the last good checkpoint.
+        """
+        wrapper_ema, live = self.ema.ema, self.model
+        model = unwrap_model(live)
+        _resync_nonfinite(wrapper_ema, model)  # a NaN step poisons the EMA: Ultralytics' resync, with wrapper keys
+        last, best, kd_path = self.last, self.best, self.kd_state_path
+        tmp = {f: f.with_name(f.name + ".tmp") for f in (kd_path, last, best)}
+        period = self.wdir / f"epoch{self.epoch}.pt"  # save_period copies (written by Ultralytics, not renamed)
+        period_new = not period.exists()
+        writing = kd_path
         try:
-            ok = super().save_model()
-        finally:
-            self.ema.ema, self.last, self.best = wrapper_ema, last, best
-        _atomic_replace(tmp_last, last)
-        _atomic_replace(tmp_best, best)
+            self.wdir.mkdir(parents=True, exist_ok=True)
+            import io
+
+            buf = io.BytesIO()  # serialise first: a failing file write is then an OSError (ENOSPC), not torch's
+            torch.save({"epoch": self.epoch, "distiller": model.distiller.state_dict(),
+                        "distiller_ema": wrapper_ema.distiller.state_dict(),
+                        "distill_model": str(self.args.distill_model)}, buf)
+            tmp[kd_path].write_bytes(buf.getvalue())
+            writing = last
+            self.ema.ema, self.model = wrapper_ema.student_model, model.student_model
+            self.last, self.best = tmp[last], tmp[best]
+            try:
+                ok = super().save_model()
+            finally:
+                self.ema.ema, self.model, self.last, self.best = wrapper_ema, live, last, best
+            for f in (last, best, kd_path):
+                if tmp[f].exists():
+                    writing = f
+                    os.replace(tmp[f], f)
+        except BaseException as e:  # nothing half-written stays behind; a full disk becomes one clear line
+            if writing is last and tmp[best].exists():
+                writing = best
+            if writing is last and period_new and period.exists():
+                writing = period
+            for f in tmp.values():
+                f.unlink(missing_ok=True)
+            if period_new:
+                period.unlink(missing_ok=True)
+            err = _disk_full(e, writing, last, getattr(self, "_saved_epoch", None))
+            if err is e:
+                raise
+            raise err from e
+        self._saved_epoch = self.epoch
         return ok
+
+    def final_eval(self):
+        """Ultralytics' final validation, with its in-place optimizer stripping of last.pt / best.pt made atomic."""
+        import ultralytics.engine.trainer as engine
+
+        strip = engine.strip_optimizer
+
+        def atomic_strip(f, s="", updates=None):
+            dst = Path(s or f)
+            tmp = dst.with_name(dst.name + ".tmp")
+            try:
+                out = strip(f, str(tmp), updates)
+                if tmp.exists():
+                    os.replace(tmp, dst)
+                return out
+            except BaseException as e:
+                err = _disk_full(e, dst, self.last, getattr(self, "_saved_epoch", None))
+                if err is e:
+                    raise
+                raise err from e
+            finally:
+                tmp.unlink(missing_ok=True)
+
+        engine.strip_optimizer = atomic_strip
+        try:
+            return super().final_eval()
+        finally:
+            engine.strip_optimizer = strip
+
+    def _handle_nan_recovery(self, epoch):
+        """Ultralytics' NaN/Inf rollback to last.pt, for detkd's checkpoints (plain student in last.pt, distiller
+        state in last.kd.pt): the upstream version expects a ``DistillationModel`` EMA with a projector."""
+        import numpy as np
+
+        loss_nan = self.loss is not None and not self.loss.isfinite()
+        fitness_nan = self.fitness is not None and not np.isfinite(self.fitness)
+        corrupted = RANK in {-1, 0} and bool(loss_nan or fitness_nan)
+        reason = "Loss NaN/Inf" if loss_nan else "Fitness NaN/Inf"
+        if RANK != -1:  # DDP: rank 0 decides for all
+            import torch.distributed as dist
+
+            flag = [corrupted if RANK == 0 else None]
+            dist.broadcast_object_list(flag, 0)
+            corrupted = flag[0]
+        if not corrupted:
+            return False
+        if epoch == self.start_epoch or not self.last.exists():
+            LOGGER.warning(f"{reason} detected in epoch {epoch + 1} but no earlier last.pt to roll back to; continuing")
+            return False
+        self.nan_recovery_attempts += 1
+        if self.nan_recovery_attempts > 3:
+            raise DetkdError(f"training diverged: {reason} in {self.nan_recovery_attempts} epochs in a row, each after "
+                             f"rolling back to {self.last}; lower lr0 or the distillation weights, then resume")
+        LOGGER.warning(f"{reason} detected (attempt {self.nan_recovery_attempts}/3), rolling back to {self.last} "
+                       f"and {self.kd_state_path}...")
+        self._model_train()
+        _, ckpt = load_checkpoint(self.last)
+        ema = ckpt["ema"].float()
+        if not all(torch.isfinite(v).all() for v in ema.state_dict().values() if v.is_floating_point()):
+            raise RuntimeError(f"Checkpoint {self.last} is corrupted with NaN/Inf weights")
+        unwrap_model(self.model).student_model.load_state_dict(ema.state_dict())
+        self._load_checkpoint_state(ckpt)  # distiller (last.kd.pt), optimizer, scaler, EMA, best fitness
+        del ckpt, ema
+        self.scheduler.last_epoch = epoch - 1
+        return True
 
     def _load_checkpoint_state(self, ckpt):
         """Ultralytics' resume state, with the EMA split into plain student (last.pt) and distiller (last.kd.pt)."""

@@ -4,6 +4,13 @@ Ultralytics reaches the network in a few places (see shared FACTS): a DNS check 
 `YOLO_OFFLINE=1`), pip auto-installs (`YOLO_AUTOINSTALL=False`), and a font download from `check_font`
 that ignores `YOLO_OFFLINE` unless `$YOLO_CONFIG_DIR/Ultralytics/Arial.ttf` already exists. detkd sets all
 three and copies a local TTF (matplotlib's bundled DejaVuSans) into place.
+
+Two more promises live here because every detkd path that loads a model or an ONNX session calls this first:
+- ``ULTRALYTICS_SAFE_LOAD=1``: checkpoints are unpickled with ``weights_only=True`` against Ultralytics' allow-list
+  of model classes, so a ``.pt`` carrying a pickled payload does not run it (opt-out: ``DETKD_TRUST_CHECKPOINTS=1``,
+  see `detkd.checkpoints`);
+- ``ORT_DISABLE_TELEMETRY=1``: onnxruntime's native telemetry (DNS queries from C++ once a session lives a few
+  seconds) is off; it is read when onnxruntime is imported, so `detkd/__init__.py` sets it too.
 """
 
 from __future__ import annotations
@@ -40,7 +47,16 @@ def ensure_ultralytics_offline() -> Path:
     Respects a `YOLO_CONFIG_DIR` the user already set. Must run before Ultralytics is first imported for
     the environment variables to take effect; the font copy works at any time.
     """
+    import importlib.util
+
+    if "ultralytics" not in sys.modules and importlib.util.find_spec("ultralytics") is None:
+        from detkd.errors import DetkdError
+
+        raise DetkdError("this needs Ultralytics, which is an optional extra (AGPL-3.0): "
+                         "pip install -c constraints.txt 'detkd[ultralytics]' (or -e '.[ultralytics]' in a checkout)")
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+    ensure_safe_loading()
     os.environ.setdefault("YOLO_AUTOINSTALL", "False")
     os.environ.setdefault("YOLO_VERBOSE", os.environ.get("YOLO_VERBOSE", "True"))
     cfg = Path(os.environ.setdefault("YOLO_CONFIG_DIR", str(detkd_home() / "ultralytics"))).expanduser()
@@ -50,8 +66,8 @@ def ensure_ultralytics_offline() -> Path:
     if src is not None:
         for name in ("Arial.ttf", "Arial.Unicode.ttf"):
             dst = fonts_dir / name
-            if not dst.exists():
-                tmp = dst.with_suffix(".tmp")
+            if not dst.exists():  # unique temp name: concurrent runs (two trainings at once) must not collide
+                tmp = dst.with_name(f".{name}.{os.getpid()}.tmp")
                 shutil.copyfile(src, tmp)
                 os.replace(tmp, dst)
     if "ultralytics" in sys.modules:  # already imported: make its settings agree where they are read lazily
@@ -62,3 +78,20 @@ def ensure_ultralytics_offline() -> Path:
         except Exception:
             pass
     return cfg
+
+
+def ensure_safe_loading() -> bool:
+    """Make every Ultralytics checkpoint load ``weights_only`` (unless ``DETKD_TRUST_CHECKPOINTS=1``). Returns the mode.
+
+    Ultralytics reads ``ULTRALYTICS_SAFE_LOAD`` once at import; if it is already imported, its module flags are
+    updated too, so the setting holds either way.
+    """
+    from detkd.checkpoints import trusted
+
+    safe = not trusted()
+    os.environ["ULTRALYTICS_SAFE_LOAD"] = "1" if safe else "0"
+    for name in ("ultralytics.utils", "ultralytics.nn.tasks"):
+        mod = sys.modules.get(name)
+        if mod is not None and hasattr(mod, "SAFE_LOAD"):
+            mod.SAFE_LOAD = safe
+    return safe

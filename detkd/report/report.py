@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 
 from detkd.bench.info import _count_gflops, model_info  # noqa: F401  (re-exported: report users import it here)
+from detkd.bench.info import format_gflops
+from detkd.bench.noise import NOISY_TEXT, noise_line
 from detkd.errors import ConfigError, DataError
 from detkd.eval.coco import STAT_NAMES, _jsonable
 
@@ -216,11 +218,17 @@ class _Model:
         return _num(lat["p95"]) if lat.get("p95") is not None else None
 
 
+def _map_col(log: Mapping[str, Any]) -> str | None:
+    return next((c for c in log if c.replace(" ", "") == "metrics/mAP50-95(B)"), None)
+
+
 def _first(models: Sequence[_Model], role: str) -> _Model | None:
     return next((m for m in models if m.role == role), None)
 
 
-def _headline(models: Sequence[_Model]) -> dict:
+def _headline(models: Sequence[_Model], noise: Mapping[str, Any] | None = None) -> dict:
+    """``noise``: the bench's noise verdict; when it (or a latency entry's ``noisy``) says the machine was too
+    noisy, the latency part of the headline says so."""
     t, b, k = (_first(models, r) for r in ("teacher", "baseline", "distilled"))
     tv, bv, kv = (m.m["AP"] if m else float("nan") for m in (t, b, k))
     gap = gap_closed(bv, kv, tv)
@@ -242,8 +250,12 @@ def _headline(models: Sequence[_Model]) -> dict:
         txt = f"CPU latency ({how}) {s_ms:.1f} ms (student)"
         if t_ms is not None:
             txt += f" vs {t_ms:.1f} ms (teacher)"
+        noisy = bool((noise or {}).get("noisy")) or any(
+            (m.entry.latency_ms or {}).get("noisy") for m in (student, t) if m is not None)
+        if noisy:
+            txt += f" ({NOISY_TEXT})"
         parts.append(txt)
-        lat = {"student_p50_ms": s_ms, "teacher_p50_ms": t_ms, "threads": threads}
+        lat = {"student_p50_ms": s_ms, "teacher_p50_ms": t_ms, "threads": threads, "noisy": noisy}
     return {
         "text": ", ".join(parts),
         "baseline_AP": bv if b else None, "distilled_AP": kv if k else None, "teacher_AP": tv if t else None,
@@ -341,6 +353,25 @@ def _make_plots(models: Sequence[_Model], rows: Sequence[dict], out: Path, limit
                      + (" at the same latency." if xkey == "latency_p50_ms" else " at the same size.")
                      + ("" if xkey == "latency_p50_ms" else " (No latency was given.)")})  # fmt: skip
 
+    # learning curves: val mAP of every model with a log (teacher included) on one panel, and each student's
+    # gap to the teacher's final val mAP per epoch (how much of the gap distillation closed, epoch by epoch)
+    with_map = [m for m in models if m.log is not None and _map_col(m.log)]
+    if len(with_map) >= 2:
+        t = _first(with_map, "teacher")
+        data = []
+        for m in with_map:
+            d = {"epoch": m.log.get("epoch", np.arange(1, len(m.log[_map_col(m.log)]) + 1)),
+                 "metrics/mAP50-95(B)": m.log[_map_col(m.log)]}
+            if t is not None and m is not t:
+                d["gap to the teacher (mAP50-95 points)"] = 100 * (t.log[_map_col(t.log)][-1] - d["metrics/mAP50-95(B)"])
+            data.append({"label": m.name, **m.style, "data": d})
+        cols = ["metrics/mAP50-95(B)"] + (["gap to the teacher (mAP50-95 points)"] if t is not None else [])
+        p = plots.training_curves(out / "learning_curves.png", data, cols, ncols=2)
+        made.append({"key": "learning_curves", "file": p.name, "title": "Learning curves: teacher, baseline, distilled",
+                     "caption": "Validation mAP50-95 per epoch from each run's results.csv (Ultralytics' validator on "
+                     "the val split)" + ("; right: each student's distance to the teacher's final val mAP50-95, "
+                     "per epoch" if t is not None else "") + "."})
+
     # training curves of the students (and any other model with a log)
     logs = [m for m in models if m.log is not None and m.role != "teacher"]
     if logs:
@@ -411,7 +442,7 @@ _MODEL_COLS = ("Model", "Role", "mAP50-95", "mAP50", "AP75", "APs", "APm", "APl"
 
 def _model_rows(models: Sequence[_Model]) -> list[list[str]]:
     return [[m.name, m.role, *(_pct(m.m[k]) for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")),
-             _params_m(m.entry.params), _fmt(m.entry.gflops, ".1f"), _fmt(m.size_mb, ".1f"),
+             _params_m(m.entry.params), format_gflops(m.entry.gflops, MISSING, NA), _fmt(m.size_mb, ".1f"),
              _fmt(m.p50(), ".1f"), _fmt(m.p95(), ".1f")] for m in models]  # fmt: skip
 
 
@@ -443,7 +474,11 @@ def _bench_caption(bench: Mapping[str, Any]) -> str:
     return (f"CPU: {bench['cpu']}, {bench['threads']} thread{'s' if bench['threads'] != 1 else ''}, imgsz "
             f"{bench['imgsz']}, median (p50) and p95 of {bench['runs']} runs after {bench['warmup']} warm-up; "
             f"{bench.get('what', '')}; torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}. "
-            "Eager: PyTorch FP32 (fused Conv+BN); ORT: onnxruntime; mAP in % on the validation set.")
+            "Eager: PyTorch FP32 (fused Conv+BN); ORT: onnxruntime; mAP in % on the validation set. "
+            f"Speed-up vs {bench['rows'][0]['model'] if bench.get('rows') else 'the first model'}: p50 ratio "
+            "against that model's row of the same engine and precision (eager FP32 with eager FP32, ORT INT8 with "
+            "ORT INT8), never across engines or precisions. Spread: interquartile range of a row's per-round "
+            "medians, % of its p50 (rows timed round-robin).")
 
 
 def _markdown(title, head, models, rows, has_delta, figs, setup, bench=None) -> str:
@@ -454,7 +489,9 @@ def _markdown(title, head, models, rows, has_delta, figs, setup, bench=None) -> 
         from detkd.bench.run import table_rows
 
         bh, br = table_rows(bench)
-        out += ["## CPU deployment (detkd bench)", "", _md_table(bh, br, left=3), "", _bench_caption(bench), ""]
+        out += ["## CPU deployment (detkd bench)", "", _md_table(bh, br, left=3), ""]
+        verdict = noise_line(bench.get("noise"))
+        out += ([verdict, ""] if verdict else []) + [_bench_caption(bench), ""]
         out += [f"- {n}" for n in bench.get("notes", [])] + ([""] if bench.get("notes") else [])
     if rows:
         crow = _class_rows(models, rows, has_delta)
@@ -491,6 +528,7 @@ h3 { font-size: 15px; margin: 18px 0 6px; }
 .card .v { font-size: 20px; font-weight: 650; font-variant-numeric: tabular-nums; }
 .card .s { color: var(--muted); font-size: 12.5px; }
 .fine { color: var(--muted); font-size: 13px; margin: 6px 0 0; }
+.noisy { color: #991b1b; background: #fef2f2; border-left: 4px solid #b91c1c; padding: 6px 10px; font-size: 13.5px; }
 .scroll { overflow-x: auto; }
 table { border-collapse: collapse; font-size: 13.5px; width: 100%; }
 table.compact { width: auto; min-width: 60%; }
@@ -561,6 +599,8 @@ def _cards(head: dict, models: Sequence[_Model]) -> str:
             s = f"student; teacher {lat['teacher_p50_ms']:.1f} ms"
             if lat["student_p50_ms"] > 0:
                 s += f" ({lat['teacher_p50_ms'] / lat['student_p50_ms']:.1f}× slower)"
+        if lat.get("noisy"):
+            s = f"{NOISY_TEXT}; {s}"
         cards.append(("CPU latency p50", v, s))
     return '<div class="cards">' + "".join(
         f'<div class="card"><div class="k">{_h(a)}</div><div class="v">{_h(v)}</div><div class="s">{_h(s)}</div></div>'
@@ -586,6 +626,10 @@ def _html(title, dataset, head, models, rows, has_delta, figs, setup, out: Path,
 
         bh, br = table_rows(bench)
         parts.append('<section><h2>CPU deployment</h2><div class="scroll">' + _html_table(bh, br, left=3) + "</div>")
+        verdict = noise_line(bench.get("noise"))
+        if verdict:
+            noisy = bool(bench["noise"].get("noisy"))
+            parts.append(f'<p class="{"noisy" if noisy else "fine"}">{_h(verdict.replace("**", ""))}</p>')
         parts.append(f'<p class="fine">{_h(_bench_caption(bench))}</p>')
         if bench.get("notes"):
             parts.append("<ul>" + "".join(f"<li>{_h(n)}</li>" for n in bench["notes"]) + "</ul>")
@@ -651,9 +695,19 @@ def report_from_spec(spec: PathLike, out_dir: PathLike | None = None) -> dict[st
     spec = Path(spec)
     if not spec.is_file():
         raise ConfigError(f"report spec not found: {spec}")
-    d = yaml.safe_load(spec.read_text()) or {}
+    try:
+        d = yaml.safe_load(spec.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{spec}: not valid YAML ({' '.join(str(e).split())})") from None
     top = {"title", "dataset", "notes", "imgsz", "out", "models", "max_plot_classes", "bench"}
     fields = {"role", "name", "metrics", "weights", "params", "gflops", "latency_ms", "results_csv", "size_mb"}
+    expected = ("expected a mapping with a 'models:' list, e.g. 'models: [{role: teacher, name: t, metrics: "
+                "t/metrics.json}, {role: distilled, name: s, metrics: s/metrics.json}]' (optional keys: title, "
+                "dataset, notes, imgsz, out, bench)")
+    if isinstance(d, list):
+        raise ConfigError(f"{spec}: the spec is a plain YAML list; {expected}. Put the list under 'models:'")
+    if not isinstance(d, dict):
+        raise ConfigError(f"{spec}: got {type(d).__name__} {d!r}; {expected}")
     bad = set(d) - top
     if bad:
         raise ConfigError(f"{spec}: unknown key(s) {sorted(bad)}; valid: {sorted(top)}")
@@ -666,6 +720,9 @@ def report_from_spec(spec: PathLike, out_dir: PathLike | None = None) -> dict[st
 
     entries = []
     for i, m in enumerate(d["models"]):
+        if not isinstance(m, dict):
+            raise ConfigError(f"{spec}: models[{i}] is {type(m).__name__} {m!r}; each model is a mapping such as "
+                              "{role: teacher, name: t, metrics: t/metrics.json}")
         bad = set(m) - fields
         if bad:
             raise ConfigError(f"{spec}: models[{i}] has unknown key(s) {sorted(bad)}; valid: {sorted(fields)}")
@@ -689,7 +746,8 @@ def report_from_spec(spec: PathLike, out_dir: PathLike | None = None) -> dict[st
 
 def build_report(models: Sequence[ModelEntry], out_dir: PathLike, *, title: str = "detkd report",
                  dataset: str | None = None, notes: str | None = None, imgsz: int | None = None,
-                 max_plot_classes: int = 24, bench: Mapping[str, Any] | PathLike | None = None) -> dict[str, Path]:
+                 max_plot_classes: int = 24, bench: Mapping[str, Any] | PathLike | None = None,
+                 smoke: bool = False) -> dict[str, Path]:
     """Write the before/after report for ``models`` into ``out_dir``.
 
     Args:
@@ -705,6 +763,8 @@ def build_report(models: Sequence[ModelEntry], out_dir: PathLike, *, title: str 
         bench: a `detkd bench` result (dict or ``bench.json`` path): shown as the "CPU deployment" table
             (eager / ORT FP32 / ORT INT8 latency, throughput, memory, size, mAP) and stored in report.json.
             Models without ``latency_ms`` take their PyTorch-eager latency from it (matched by weights path).
+        smoke: the models were trained for a smoke test (e.g. `detkd demo --quick`): the headline says its
+            numbers mean nothing instead of presenting them as a result.
 
     Returns:
         ``{"md", "html", "json", <plot key>: png path, ...}``. Missing optional inputs (latency, logs,
@@ -753,7 +813,11 @@ def build_report(models: Sequence[ModelEntry], out_dir: PathLike, *, title: str 
                 missing_logs.append(f"{e.name}: {e.results_csv}")
         loaded.append(_Model(e, load_metrics(e.metrics), size, log, st))
 
-    head = _headline(loaded)
+    head = _headline(loaded, bench.get("noise") if bench else None)
+    if smoke:
+        head["text"] = ("SMOKE TEST (a few epochs on a few frames: these numbers mean nothing; run without --quick "
+                        "for a real comparison): " + head["text"])
+        head["smoke"] = True
     rows = _per_class(loaded)
     has_delta = _first(loaded, "baseline") is not None and _first(loaded, "distilled") is not None
     figs = _make_plots(loaded, rows, out, max_plot_classes)

@@ -1,0 +1,218 @@
+"""Budgets and the resumable stage runner shared by `detkd demo` and ``tools/kd_benchmark.py``.
+
+A *stage* is one Ultralytics training run (teacher, baseline, a distilled student, ...) in ``runs/<name>``. A
+stage whose ``results.csv`` logged every epoch is reused, an interrupted one is trained again from scratch (the
+runs are deterministic per seed on CPU, so a rerun gives the same model). Before each stage one progress line
+says which stage it is, how many are done, the time spent and an ETA from the seconds per epoch measured on the
+stages finished so far (Ultralytics' ``time`` column), scaled by the relative cost of each kind of stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from detkd.assets import PICO_YAML
+from detkd.integrations.recipes import DEFAULT_RECIPE
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Data size, models and epochs of one benchmark regime. Students always share epochs, data and seed."""
+
+    n_train: int
+    n_val: int
+    imgsz: int
+    teacher: str
+    student: str
+    teacher_epochs: int
+    student_epochs: int
+    batch: int = 16
+    n_test: int = 0          # in-distribution test split: the split the tables report (val is for choosing)
+    ood_cameras: int = 0     # unseen cameras for the test_ood split
+    n_test_ood: int = 0
+    distill: dict = field(default_factory=lambda: dict(DEFAULT_RECIPE))
+    device: str = "cpu"
+    description: str = ""
+
+    @property
+    def report_split(self) -> str:
+        return "test" if self.n_test else "val"
+
+
+BUDGETS: dict[str, Budget] = {
+    # smoke test: every stage runs, the numbers mean nothing (the test suite and CI use it)
+    "quick": Budget(64, 24, 96, "yolov8n.yaml", str(PICO_YAML), 2, 2, 16, n_test=24, ood_cameras=2, n_test_ood=24,
+                    description="smoke test: 2 epochs on 64 frames; the numbers mean nothing"),
+    # `detkd demo`: a reduced version of the benchmark regime that fits in ~20 minutes on 2 quiet CPU cores
+    # (teacher ~8 min, students ~3 + ~6 min, evaluation and CPU bench ~2 min)
+    "default": Budget(600, 150, 192, "yolov8n.yaml", str(PICO_YAML), 18, 15, 16, n_test=150, ood_cameras=2,
+                      n_test_ood=150, description="reduced benchmark regime: teacher 18 epochs, students 15"),
+    # tools/kd_benchmark.py (about 150 min on 2 CPU cores for teacher + 3 seeds x 4 student rows): the teacher
+    # (yolov8n, 60 epochs) trained until its val curve flattens; pico students 30 epochs, baseline_2x 60. Chosen
+    # from learning curves of both models over 60 epochs on this data (see tools/kd_benchmark.py's docstring).
+    "bench": Budget(600, 150, 192, "yolov8n.yaml", str(PICO_YAML), 60, 30, 16, n_test=300, ood_cameras=2,
+                    n_test_ood=300, description="benchmark regime: teacher 60 epochs, students 30"),
+    # GPU: bigger data and models (hours on a CPU)
+    "full": Budget(2000, 500, 256, "yolov8s.yaml", "yolov8n.yaml", 80, 60, 16, n_test=500, ood_cameras=2,
+                   n_test_ood=500, description="GPU benchmark regime"),
+}
+
+# Relative cost of an epoch per kind of stage, in units of a student epoch (measured on 2 CPU cores with the
+# default pair; the runner replaces the unit by what it measures).
+COST = {"teacher": 2.0, "student": 1.0, "distilled": 1.8, "ultralytics": 1.6}
+
+
+def budget(name: str, device: str = "cpu") -> Budget:
+    return replace(BUDGETS[name], device=device)
+
+
+def say(prefix: str, msg: str) -> None:
+    print(f"[{prefix}] {msg}", flush=True)
+
+
+def finished(results_csv: Path, epochs: int) -> bool:
+    """True when an earlier run of this stage logged all its epochs (an interrupted one is trained again)."""
+    if not results_csv.is_file():
+        return False
+    lines = [x for x in results_csv.read_text().splitlines()[1:] if x.strip()]
+    return len(lines) >= epochs
+
+
+def _seconds(results_csv: Path) -> float | None:
+    """Training seconds of a finished run (Ultralytics' cumulative ``time`` column), None if absent."""
+    try:
+        rows = [r.split(",") for r in results_csv.read_text().splitlines() if r.strip()]
+        i = [h.strip() for h in rows[0]].index("time")
+        return float(rows[-1][i])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _fmt_s(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600} h {s % 3600 // 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60:02d} s"
+
+
+def train_run(model_cfg: str, data: Path, project: Path, name: str, epochs: int, b: Budget, threads: int, seed: int,
+              distill_yaml: Path | None = None, ultralytics_teacher: Path | None = None) -> Path:
+    """Train with Ultralytics: plain, with detkd (``distill_yaml``) or with Ultralytics' own feature KD
+    (``ultralytics_teacher``: ``distill_model=<teacher .pt>``). Returns best.pt (last.pt if no best)."""
+    import torch
+    from ultralytics import YOLO
+
+    model = YOLO(model_cfg, task="detect")
+    model.add_callback("on_pretrain_routine_start", lambda tr: torch.set_num_threads(threads))
+    device = "0" if b.device == "cuda" else "cpu"
+    kw = dict(data=str(data), epochs=epochs, imgsz=b.imgsz, batch=b.batch, device=device, workers=0,
+              project=str(project), name=name, exist_ok=True, seed=seed, deterministic=True, amp=b.device == "cuda",
+              plots=False, verbose=False, close_mosaic=max(1, epochs // 4))
+    if distill_yaml is not None:
+        from detkd.integrations.ultralytics import DistillTrainer
+
+        os.environ["DETKD_THREADS"] = str(threads)
+        model.train(trainer=DistillTrainer, distill_model=str(distill_yaml), **kw)
+    elif ultralytics_teacher is not None:
+        model.train(distill_model=str(ultralytics_teacher), **kw)
+    else:
+        model.train(**kw)
+    run = Path(model.trainer.save_dir)
+    best = run / "weights" / "best.pt"
+    return best if best.exists() else run / "weights" / "last.pt"
+
+
+@dataclass
+class Stage:
+    name: str           # run folder under runs/
+    kind: str           # teacher | student | distilled | ultralytics (for the ETA)
+    model: str
+    epochs: int
+    seed: int = 0
+    distill: dict | None = None          # detkd recipe (kind "distilled")
+    teacher_from: str | None = None      # stage whose best.pt is the teacher
+
+
+class StageRunner:
+    """Runs stages in order, reusing finished ones, with a progress line and an ETA; writes ``progress.json``."""
+
+    def __init__(self, out: Path, data_yaml: Path, b: Budget, threads: int, stages: list[Stage], prefix: str):
+        self.out, self.data, self.b, self.threads, self.stages, self.prefix = out, data_yaml, b, threads, stages, prefix
+        self.runs = out / "runs"
+        self.weights: dict[str, Path] = {}
+        self.t0 = time.time()
+        self.unit: list[float] = []  # seconds per cost unit, one entry per measured stage
+
+    def _log(self, st: Stage) -> Path:
+        return self.runs / st.name / "results.csv"
+
+    def _done(self, st: Stage) -> bool:
+        return (self.runs / st.name / "weights" / "best.pt").exists() and finished(self._log(st), st.epochs)
+
+    def _eta(self, todo: list[Stage]) -> str:
+        if not self.unit:
+            return "ETA after the first stage"
+        unit = sorted(self.unit)[len(self.unit) // 2]
+        return "ETA " + _fmt_s(sum(COST[s.kind] * s.epochs * unit for s in todo))
+
+    def _measure(self, st: Stage) -> None:
+        sec = _seconds(self._log(st))
+        if sec:
+            self.unit.append(sec / (COST[st.kind] * st.epochs))
+
+    def run(self) -> dict[str, Path]:
+        for st in self.stages:  # reused stages calibrate the ETA too
+            if self._done(st):
+                self._measure(st)
+        n = len(self.stages)
+        for i, st in enumerate(self.stages, 1):
+            best = self.runs / st.name / "weights" / "best.pt"
+            if self._done(st):
+                self.weights[st.name] = best
+                continue
+            todo = [s for s in self.stages[i - 1:] if not self._done(s)]
+            done = n - len(todo)
+            say(self.prefix, f"stage {i}/{n} {st.name}: {Path(st.model).stem}, {st.epochs} epochs, seed {st.seed}, "
+                             f"{self.threads} threads ({done}/{n} done, {_fmt_s(time.time() - self.t0)} so far, "
+                             f"{self._eta(todo)})")
+            teacher = self.weights.get(st.teacher_from) if st.teacher_from else None
+            kd_yaml = None
+            if st.kind == "distilled":
+                import yaml
+
+                kd_yaml = self.out / f"{st.name}.distill.yaml"
+                kd_yaml.write_text(yaml.safe_dump({"teacher": str(teacher), "distill": st.distill}, sort_keys=False))
+            self.weights[st.name] = train_run(st.model, self.data, self.runs, st.name, st.epochs, self.b, self.threads,
+                                              st.seed, kd_yaml, teacher if st.kind == "ultralytics" else None)
+            self._measure(st)
+            self._write_progress()
+        self._write_progress()
+        return self.weights
+
+    def _write_progress(self) -> None:
+        p = self.out / "progress.json"
+        state = {s.name: {"done": self._done(s), "epochs": s.epochs, "kind": s.kind, "seed": s.seed,
+                          "seconds": _seconds(self._log(s)) if self._done(s) else None} for s in self.stages}
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, p)
+
+
+def make_data(out: Path, b: Budget, seed: int, prefix: str) -> Path:
+    """Generate (or reuse) the built-in data for budget ``b``; returns data.yaml."""
+    from detkd.data.synth import generate
+
+    data_yaml = out / "data.yaml"
+    marker = out / ".complete"
+    want = json.dumps({"seed": seed, "n_train": b.n_train, "n_val": b.n_val, "imgsz": b.imgsz, "n_test": b.n_test,
+                       "ood_cameras": b.ood_cameras, "n_test_ood": b.n_test_ood}, sort_keys=True)
+    if data_yaml.exists() and marker.is_file() and marker.read_text() == want:
+        return data_yaml
+    say(prefix, f"generating the security-camera data: {b.n_train} train / {b.n_val} val / {b.n_test} test frames "
+                f"+ {b.n_test_ood} frames of {b.ood_cameras} unseen cameras, {b.imgsz} px, seed {seed}")
+    generate(out, seed=seed, n_train=b.n_train, n_val=b.n_val, imgsz=b.imgsz, n_test=b.n_test,
+             ood_cameras=b.ood_cameras, n_test_ood=b.n_test_ood or None, progress=False)
+    marker.write_text(want)
+    return data_yaml
