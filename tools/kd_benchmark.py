@@ -52,8 +52,9 @@ def recipes(distill: dict) -> dict[str, dict | None]:
 
 
 def stages_for(rows: list[str], seeds: list[int], b) -> list[Stage]:
-    st = [Stage("teacher", "teacher", b.teacher, b.teacher_epochs, 0)]
     rec = recipes(b.distill)
+    needs_teacher = "teacher" in rows or any(r not in ("baseline", "baseline_2x") for r in rows)
+    st = [Stage("teacher", "teacher", b.teacher, b.teacher_epochs, 0)] if needs_teacher else []
     for seed in seeds:  # seed-major: a finished seed gives a complete partial table
         for row in rows:
             if row == "teacher":
@@ -77,6 +78,17 @@ def _map_curve(csv: Path) -> list[float]:
     log = read_results_csv(csv)
     col = next(c for c in log if c.replace(" ", "") == "metrics/mAP50-95(B)")
     return [round(float(x) * 100, 2) for x in log[col]]
+
+
+def plateau_gain(curve: list[float]) -> float:
+    """Relative val-mAP gain over the last 20% of epochs: (last - at 80%) / at 80% (the flattening criterion)."""
+    i = max(0, int(round(0.8 * len(curve))) - 1)
+    return (curve[-1] - curve[i]) / curve[i] if curve and curve[i] > 0 else float("nan")
+
+
+def plateau_text(curve: list[float]) -> str:
+    g = plateau_gain(curve)
+    return f"last 20% of epochs: {g * 100:+.1f}% relative, {'flat' if g < 0.05 else 'still rising'} (< +5% is flat)"
 
 
 def table(results: dict[str, dict[str, list[float]]], split: str, seeds: list[int], b) -> list[str]:
@@ -153,7 +165,7 @@ def main() -> None:
     lines += ["", "## val mAP50-95 per epoch (learning curves; seed 0)", ""]
     for name, c in curves.items():
         if name == "teacher" or name.endswith("_s0"):
-            lines.append(f"- {name}: " + " ".join(f"{x:.1f}" for x in c))
+            lines.append(f"- {name}: " + " ".join(f"{x:.1f}" for x in c) + f"  ({plateau_text(c)})")
     text = "\n".join(lines)
     print(text)
     (out / "table.md").write_text(text + "\n")

@@ -369,7 +369,7 @@ def _make_plots(models: Sequence[_Model], rows: Sequence[dict], out: Path, limit
         p = plots.training_curves(out / "learning_curves.png", data, cols, ncols=2)
         made.append({"key": "learning_curves", "file": p.name, "title": "Learning curves: teacher, baseline, distilled",
                      "caption": "Validation mAP50-95 per epoch from each run's results.csv (Ultralytics' validator on "
-                     "the val split)" + ("; right: each student's distance to the teacher's final val mAP50-95, "
+                     "the val split)" + ("; right: each student's gap to the teacher's final val mAP50-95 (points), "
                      "per epoch" if t is not None else "") + "."})
 
     # training curves of the students (and any other model with a log)
