@@ -28,7 +28,7 @@ Thresholds: NMS as in `detkd eval` (`detkd.eval.predict.predict_ultralytics`: co
 
 Splits: ``val`` is the labeled val split (``val_data``, else ``merge``'s val split) written with its real labels
 into ``images/val``; without one, ``val`` points at ``images/train`` (Ultralytics needs the key) and the summary
-says so. ``merge`` (an Ultralytics data yaml) adds its train images with their real label files, unchanged; an
+says so. ``merge`` (an Ultralytics data yaml, or COCO / VOC data converted as `detkd train` does) adds its train images with their real label files, unchanged; an
 unlabeled image or frame with the same stem as a real one is not pseudo-labelled (the real labels win).
 
 Resuming: an image is skipped when its image and label file exist and ``pseudo_progress.jsonl`` has it from the
@@ -391,8 +391,9 @@ def pseudo_label(
         out_dir: the dataset folder (created; rerun into the same folder to resume).
         conf: ``'auto'`` (per-class F1-best threshold on ``val_data``, else on ``merge``'s val split) or a number.
         val_data: a labeled dataset (any format `read_dataset` reads; its ``val`` split) with the teacher's classes.
-        merge: an Ultralytics data yaml whose train images (and real labels) are added; its val split is the
-            val split unless ``val_data`` is given.
+        merge: a labeled dataset whose train images (and real labels) are added; its val split is the val split
+            unless ``val_data`` is given. An Ultralytics data yaml, or a COCO / VOC source as ``detkd train`` takes
+            it (converted and cached by `detkd.data.resolve.as_ultralytics_data`).
         every: take every ``every``-th video frame.
         imgsz, iou, max_det: the teacher's inference size and NMS (as in `detkd eval`).
         fmt: ``'yolo'`` or ``'coco'`` (also COCO jsons under ``annotations/``).
@@ -421,8 +422,11 @@ def pseudo_label(
     teacher = Path(teacher).expanduser().resolve()
     if not teacher.is_file():
         raise DataError(f"teacher checkpoint not found: {teacher}")
-    if merge is not None and Path(merge).suffix.lower() not in (".yaml", ".yml"):
-        raise DataError(f"--merge {merge}: give an Ultralytics data yaml")
+    merge_yaml = None
+    if merge is not None:  # a COCO / VOC source is validated and converted (cached) as `detkd train` does
+        from detkd.data.resolve import as_ultralytics_data
+
+        merge_yaml = as_ultralytics_data(merge)
     if not sources:
         raise DataError("give at least one source (a folder of images, an image or a video)")
     root = Path(out_dir).expanduser().resolve()
@@ -448,13 +452,13 @@ def pseudo_label(
         val_ds, val_from = _load_labeled(val_data, "val", names, "--val-data"), str(val_data)
     merge_ds = None
     if merge is not None:
-        merge_ds = read_yolo(merge, "train")
+        merge_ds = read_yolo(merge_yaml, "train")
         if list(merge_ds.names) != names:
             raise DataError(f"--merge {merge} has classes {list(merge_ds.names)} but the teacher has {names}; "
                             "they must match, in the same order")  # fmt: skip
         if val_ds is None:
             try:
-                val_ds, val_from = _load_labeled(merge, "val", names, "--merge"), f"{merge} (val split)"
+                val_ds, val_from = _load_labeled(merge_yaml, "val", names, "--merge"), f"{merge} (val split)"
             except DataError:
                 val_ds = None
 
@@ -713,7 +717,8 @@ def pseudo_label(
         "settings": {"conf": "auto" if auto else fixed, "imgsz": int(imgsz), "iou": float(iou), "max_det": int(max_det),
                      "prediction_conf": pred_conf, "every": every, "match_iou": 0.5, "keep": "score >= threshold",
                      "val_data": None if val_data is None else str(Path(val_data).expanduser().resolve()),
-                     "merge": None if merge is None else str(Path(merge).expanduser().resolve())},  # fmt: skip
+                     "merge": None if merge is None else str(merge) if isinstance(merge, Mapping)
+                     else str(Path(merge).expanduser().resolve())},  # fmt: skip
         "thresholds": {t.name: {k: v for k, v in t.__dict__.items() if k != "name"} for t in thresholds},
         "sources": [str(Path(s).expanduser().resolve()) for s in sources],
         "counts": counts,

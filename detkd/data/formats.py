@@ -855,7 +855,8 @@ def read_dataset(path: PathLike, split: str = "val", **kwargs) -> Dataset:
 # Writers
 # ----------------------------------------------------------------------------------------------------------------
 def _place(src: Path, dst: Path, mode: str) -> None:
-    """Put ``src`` at ``dst`` by hard link (falling back to a copy across devices), symlink or copy."""
+    """Put ``src`` at ``dst`` by hard link (falling back to a copy across devices), symlink or copy; ``'auto'``: a
+    hard link, else a symlink, else a copy."""
     if not src.is_file():
         raise DataError(f"image file not found: {src}; run `detkd data validate` (fix=True) before writing")
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -863,9 +864,15 @@ def _place(src: Path, dst: Path, mode: str) -> None:
         if dst.exists() and os.path.samefile(src, dst):
             return
         dst.unlink()
-    if mode == "hardlink":
+    if mode in ("hardlink", "auto"):
         try:
             os.link(src, dst)
+            return
+        except OSError:
+            pass
+    if mode == "auto":
+        try:
+            os.symlink(src.resolve(), dst)
             return
         except OSError:
             pass
@@ -903,13 +910,13 @@ def write_yolo(
     include_crowd: bool = False,
 ) -> dict:
     """Write an Ultralytics YOLO split: ``out_dir/images/<split>/...`` (hard links, falling back to copies;
-    ``link='copy'`` or ``'symlink'`` to choose), ``out_dir/labels/<split>/....txt`` (``class xc yc w h``,
-    normalised, 8 significant digits; an empty file for a background image), ``out_dir/data.yaml`` (``names``
-    in class order, ``train``/``val`` entries; no ``download`` and no ``path`` key, so Ultralytics resolves
-    paths from the yaml's folder and the folder can move) and ``out_dir/ids.json`` (relative image path ->
-    image id, read back by `read_yolo`). Writing a second split into the same folder adds it to both files;
-    class names must agree. While only one split exists, ``train`` and ``val`` both point at it (Ultralytics
-    requires both keys).
+    ``link='copy'``, ``'symlink'`` or ``'auto'`` (hard link, else symlink, else copy) to choose),
+    ``out_dir/labels/<split>/....txt`` (``class xc yc w h``, normalised, 8 significant digits; an empty file for a
+    background image), ``out_dir/data.yaml`` (``names`` in class order, ``train``/``val`` entries; no ``download``
+    and no ``path`` key, so Ultralytics resolves paths from the yaml's folder and the folder can move) and
+    ``out_dir/ids.json`` (relative image path -> image id, read back by `read_yolo`). Writing a second split into
+    the same folder adds it to both files; class names must agree. While only one split exists, ``train`` and
+    ``val`` both point at it (Ultralytics requires both keys).
 
     Boxes are written as they are; run the validator first (it clips boxes to the image, as Ultralytics
     rejects a whole image with a coordinate above 1.01). Crowd boxes are left out unless ``include_crowd``, as
@@ -918,8 +925,8 @@ def write_yolo(
     counted (``stale_images``, with a logged warning). Returns ``{'data_yaml', 'images', 'boxes', 'crowd_skipped',
     'stale_images'}``.
     """
-    if link not in ("hardlink", "copy", "symlink"):
-        raise DataError(f"link={link!r}: use 'hardlink', 'copy' or 'symlink'")
+    if link not in ("hardlink", "copy", "symlink", "auto"):
+        raise DataError(f"link={link!r}: use 'hardlink', 'copy', 'symlink' or 'auto'")
     _check_writable(dataset)
     out = Path(out_dir).resolve()
     yml = out / "data.yaml"
