@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["doctor"].set_defaults(func=_cmd_doctor)
 
     tr = sub.choices["train"]
-    tr.add_argument("config", help="detkd train config (teacher, student, data, distill, Ultralytics args)")
+    tr.add_argument("config", help="detkd train config (teacher, student, data, distill, Ultralytics args); data: an "
+                                   "Ultralytics data yaml, a COCO folder or a VOC root")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. epochs=50 distill.logits.weight=2")
     tr.set_defaults(func=_cmd_train)
 
@@ -349,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--val-data", default=None, metavar="DATA",
                     help="labeled val split (COCO / VOC / YOLO) for --conf auto; becomes the dataset's val split")
     pl.add_argument("--merge", default=None, metavar="DATA",
-                    help="Ultralytics data yaml whose labeled train images are added (real labels win on equal stems)")
+                    help="labeled dataset whose train images are added (real labels win on equal stems): an "
+                         "Ultralytics data yaml, a COCO folder or a VOC root (converted and cached as for detkd train)")
     pl.add_argument("--every", type=int, default=1, metavar="K", help="every K-th video frame (default 1)")
     pl.add_argument("--imgsz", type=int, default=640, help="teacher inference size (default 640)")
     pl.add_argument("--iou", type=float, default=0.7, help="NMS IoU, as in detkd eval (default 0.7)")

@@ -13,6 +13,7 @@ A documented example is ``configs/distill_example.yaml``; in short::
       stop_when_gap_stalls: null  # {patience: 5, min_delta: 0.0, action: stop_distill | stop_run}; detkd.gap
       teacher_runtime:          # how the frozen teacher runs; see TeacherRuntimeConfig
         {inference_mode: true, channels_last: false, fuse: false, half: auto, cache: false}
+      unlabeled: null           # {source: PATH, ratio: 0.5, pseudo_conf: 0.5}; UnlabeledConfig (Ultralytics only)
 
 Each term's contribution is ``weight * schedule(epoch, total_epochs) * loss``; ``schedule`` is a
 :class:`detkd.schedules.Schedule` mapping (``{kind: cosine, start: 1, end: 0.01, warmup_epochs: 0,
@@ -44,7 +45,8 @@ from detkd.gap import GAP_ACTIONS, GapStallConfig
 from detkd.schedules import KINDS, Schedule
 
 __all__ = ["ADAPTERS", "ScheduleConfig", "LogitConfig", "BoxConfig", "FeatureTapConfig", "TeacherRuntimeConfig",
-           "DistillConfig", "load_config"]
+           "UnlabeledConfig", "DistillConfig", "load_config", "unlabeled_images",
+           "resolve_unlabeled_source"]
 
 ADAPTERS = ("auto", "conv", "conv_bn", "none")
 """``auto``: 1x1 conv + BN only where channels differ (and the method does not align them itself);
@@ -137,6 +139,84 @@ class TeacherRuntimeConfig:
     def cache_enabled(self) -> bool:
         return self.cache is not False
 
+
+IMAGE_SUFFIXES = frozenset({"avif", "bmp", "dng", "heic", "heif", "jp2", "jpeg", "jpg", "mpo", "png", "tif", "tiff",
+                            "webp"})
+"""Image files an unlabeled source may hold: Ultralytics' ``IMG_FORMATS`` (= ``detkd.data.formats.IMG_SUFFIXES``,
+which this layer may not import)."""
+
+
+@dataclass
+class UnlabeledConfig:
+    """Soft-label distillation on unlabeled frames (``distill.unlabeled``); used by the Ultralytics integration
+    (``detkd train`` / ``DistillTrainer``), ignored by a plain :class:`~detkd.distiller.Distiller`.
+
+    Every training batch holds labeled frames and unlabeled frames, a share ``ratio`` of them unlabeled. Unlabeled
+    frames get only the distillation terms (logits, boxes, features); the detection loss sees the labeled frames
+    only. An epoch is one pass over the labeled frames (so it has about ``1 / (1 - ratio)`` times as many steps).
+
+    Attributes:
+        source: a folder of images (searched recursively; label files next to them are ignored), a ``.txt`` file
+            listing image paths (one per line, relative to the file's folder), or a list of those.
+        ratio: the unlabeled share of each batch, ``0 < ratio < 1``. Default 0.5.
+        pseudo_conf: teacher score (max class sigmoid) from which a teacher box counts as an object on an unlabeled
+            frame, for the feature methods that need boxes (``fgd``'s foreground mask); after class-agnostic NMS
+            (IoU 0.6), at most 100 per frame. Default 0.5.
+    """
+
+    source: str | list[str] = ""
+    ratio: float = 0.5
+    pseudo_conf: float = 0.5
+
+    def images(self) -> list[Path]:
+        """The image files of ``source`` (see :func:`unlabeled_images`)."""
+        return unlabeled_images(self.source)
+
+
+def _source_list(source: str | Path | list) -> list[Path]:
+    return [Path(str(x)).expanduser() for x in (source if isinstance(source, (list, tuple)) else [source])]
+
+
+def unlabeled_images(source: str | Path | list, *, limit: int | None = None) -> list[Path]:
+    """Image files of an unlabeled ``source``: folders recursively (sorted), ``.txt`` lists (paths relative to the
+    list's folder), single image files; absolute, each once. ``limit``: stop after that many. Missing paths are
+    skipped here (:class:`UnlabeledConfig` validation refuses them)."""
+    out: dict[Path, None] = {}
+    for p in _source_list(source):
+        if p.is_dir():
+            found = p.rglob("*") if limit is not None else sorted(p.rglob("*"))  # a check needs no sorted scan
+            files = (q for q in found if q.suffix[1:].lower() in IMAGE_SUFFIXES and q.is_file())
+        elif p.suffix.lower() == ".txt" and p.is_file():
+            lines = (x.strip() for x in p.read_text(encoding="utf-8", errors="replace").splitlines())
+            files = (q if q.is_absolute() else p.parent / q for q in (Path(x) for x in lines if x))
+            files = (q for q in files if q.suffix[1:].lower() in IMAGE_SUFFIXES and q.is_file())
+        elif p.is_file() and p.suffix[1:].lower() in IMAGE_SUFFIXES:
+            files = iter([p])
+        else:
+            continue
+        for q in files:
+            out[q.resolve()] = None
+            if limit is not None and len(out) >= limit:
+                return list(out)
+    return list(out)
+
+
+def resolve_unlabeled_source(unlabeled: Any, base: Path) -> Any:
+    """``distill.unlabeled`` with a relative ``source`` (or each of a list) made relative to ``base`` (the config
+    file's folder) when it exists there; other values unchanged."""
+    def fix(x):
+        if isinstance(x, str) and x and not Path(x).expanduser().is_absolute() and (base / x).exists():
+            return str((base / x).resolve())
+        return x
+
+    if isinstance(unlabeled, str):
+        return fix(unlabeled)
+    if isinstance(unlabeled, dict) and "source" in unlabeled:
+        u = dict(unlabeled)
+        src = u["source"]
+        u["source"] = [fix(x) for x in src] if isinstance(src, list) else fix(src)
+        return u
+    return unlabeled
 
 # ------------------------------------------------------------------------------------------------------------
 # checking helpers: each raises ConfigError("<file>: <key path>: <problem>")
@@ -343,6 +423,43 @@ def _gap_stall(d: Any, where: str, src: str) -> GapStallConfig | None:
     return g
 
 
+def _unlabeled(d: Any, where: str, src: str) -> UnlabeledConfig | None:
+    if d is None or d is False:
+        return None
+    if isinstance(d, UnlabeledConfig):
+        d = dataclasses.asdict(d)
+    if isinstance(d, (str, Path)):
+        d = {"source": str(d)}
+    d = _check_keys(d, UnlabeledConfig, where, src)
+    u = UnlabeledConfig()
+    source = d.get("source")
+    items = source if isinstance(source, (list, tuple)) else [source]
+    if not items or any(not isinstance(x, (str, Path)) or not str(x).strip() for x in items):
+        raise ConfigError(f"{src}{where}.source: give a folder of images (or a .txt list of image paths, or a list "
+                          f"of those), got {source!r}")
+    for x in items:
+        p = Path(str(x)).expanduser()
+        if not p.exists():
+            raise ConfigError(f"{src}{where}.source: not found: {p}")
+        if p.is_file() and p.suffix.lower() != ".txt" and p.suffix[1:].lower() not in IMAGE_SUFFIXES:
+            raise ConfigError(f"{src}{where}.source: {p} is neither a folder, an image nor a .txt list of images "
+                              "(videos are not read here: extract frames into a folder first, e.g. with ffmpeg)")
+        if not unlabeled_images(p, limit=1):
+            raise ConfigError(f"{src}{where}.source: {p} holds no image files (looked for "
+                              f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+    u.source = [str(x) for x in items] if isinstance(source, (list, tuple)) else str(source)
+    r = _num(d.get("ratio", u.ratio), f"{where}.ratio", src, minimum=None)
+    if not 0.0 < r < 1.0:
+        raise ConfigError(f"{src}{where}.ratio: the unlabeled share of each batch must be > 0 and < 1, got {r:g} "
+                          "(e.g. 0.5: half of every batch unlabeled)")
+    u.ratio = r
+    c = _num(d.get("pseudo_conf", u.pseudo_conf), f"{where}.pseudo_conf", src, minimum=None)
+    if not 0.0 < c <= 1.0:
+        raise ConfigError(f"{src}{where}.pseudo_conf: a teacher score threshold, must be > 0 and <= 1, got {c:g}")
+    u.pseudo_conf = c
+    return u
+
+
 def _tap(d: Any, where: str, src: str) -> FeatureTapConfig:
     from detkd.losses.registry import FEATURE_METHODS
 
@@ -374,6 +491,7 @@ class DistillConfig:
     task_weight: float = 1.0
     teacher_runtime: TeacherRuntimeConfig = field(default_factory=TeacherRuntimeConfig)
     stop_when_gap_stalls: GapStallConfig | None = None  # see detkd.gap; used by the Ultralytics integration
+    unlabeled: UnlabeledConfig | None = None  # soft-label KD on unlabeled frames; used by the Ultralytics integration
 
     @classmethod
     def from_dict(cls, d: dict | None, source: str | None = None) -> DistillConfig:
@@ -398,6 +516,11 @@ class DistillConfig:
         out.features = [_tap(f, f"distill.features[{i}]", src) for i, f in enumerate(feats)]
         out.teacher_runtime = _teacher_runtime(d.get("teacher_runtime"), "distill.teacher_runtime", src)
         out.stop_when_gap_stalls = _gap_stall(d.get("stop_when_gap_stalls"), "distill.stop_when_gap_stalls", src)
+        out.unlabeled = _unlabeled(d.get("unlabeled"), "distill.unlabeled", src)
+        if out.unlabeled is not None and out.boxes is not None and out.boxes.method == "bounded":
+            raise ConfigError(f"{src}distill.boxes.method=bounded needs regression targets from ground truth, which "
+                              "unlabeled frames (distill.unlabeled) do not have; use ld or l1_giou (teacher-score "
+                              "weighted, no ground truth)")
         return out
 
     def to_dict(self) -> dict:
@@ -436,6 +559,8 @@ def load_config(config: DistillConfig | dict | str | Path | None) -> DistillConf
             raise ConfigError(f"{p}: not valid YAML ({e})") from e
         if isinstance(d, dict) and "distill" in d:
             d = d["distill"]
+        if isinstance(d, dict) and d.get("unlabeled"):  # a relative source is relative to the file
+            d = {**d, "unlabeled": resolve_unlabeled_source(d["unlabeled"], p.parent)}
         return DistillConfig.from_dict(d, source=str(p))
     if isinstance(config, dict):
         if "distill" in config:

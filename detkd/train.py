@@ -1,6 +1,7 @@
 """`detkd train CONFIG.yaml [key=value ...]`: checks everything, then runs Ultralytics' trainer with detkd.
 
-A config names ``teacher`` (.pt), ``student`` (.yaml or .pt), ``data`` (an Ultralytics data yaml), a
+A config names ``teacher`` (.pt), ``student`` (.yaml or .pt), ``data`` (an Ultralytics data yaml, a COCO folder or
+``{train: a.json, val: b.json}``, or a VOC root: converted and cached by `detkd.data.resolve`), a
 ``distill:`` block (see ``configs/``), optional ``threads`` (torch CPU threads), and any Ultralytics train
 argument (``epochs``, ``imgsz``, ``batch``, ``device``, ``project``, ``name``, ...). ``key=value`` overrides use
 Ultralytics' style; nested distill keys use dots: ``distill.logits.weight=2``.
@@ -65,6 +66,13 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> d
         v = cfg.get(k)
         if isinstance(v, str) and not Path(v).is_absolute() and (base / v).exists():
             cfg[k] = str(base / v)
+    if isinstance(cfg.get("data"), dict):  # data: {train: a.json, val: b.json}: relative to the config file too
+        cfg["data"] = {s: str(base / v) if isinstance(v, str) and not Path(v).is_absolute() and (base / v).exists()
+                       else v for s, v in cfg["data"].items()}
+    if isinstance(cfg.get("distill"), dict) and cfg["distill"].get("unlabeled"):  # distill.unlabeled.source too
+        from detkd.config import resolve_unlabeled_source
+
+        cfg["distill"]["unlabeled"] = resolve_unlabeled_source(cfg["distill"]["unlabeled"], base)
     cfg["_source"] = str(p)
     return cfg
 
@@ -116,6 +124,8 @@ def _check_numbers(cfg: dict, source: str) -> None:
 def check_data_yaml(data: str | Path) -> dict:
     """Check an Ultralytics data yaml: file exists, names present, train/val folders exist. Returns it."""
     p = Path(data)
+    if p.is_dir():
+        raise DataError(f"data: {p} is a folder; give its data yaml (detkd train converts COCO / VOC folders itself)")
     if not p.is_file():
         raise DataError(f"data: file not found: {p}")
     try:
@@ -152,7 +162,10 @@ def prepare(cfg: dict) -> tuple[str, dict, Path]:
 
     teacher_path = Path(cfg["teacher"])
     teacher = ul.load_teacher(teacher_path)
-    data = check_data_yaml(cfg["data"])
+    from detkd.data.resolve import as_ultralytics_data
+
+    data_yaml = as_ultralytics_data(cfg["data"])  # a COCO / VOC source: validated, converted, cached
+    data = check_data_yaml(data_yaml)
     t_nc = ul.detect_layer(teacher).nc
     if t_nc != data["_nc"]:
         raise ConfigError(
@@ -178,7 +191,16 @@ def prepare(cfg: dict) -> tuple[str, dict, Path]:
     from detkd.config import DistillConfig
 
     probe = ul._expand_features(distill, teacher, teacher)
-    DistillConfig.from_dict(probe, source=source)
+    checked = DistillConfig.from_dict(probe, source=source)
+    if checked.unlabeled is not None:  # the run's kd yaml lives elsewhere: its source must not be relative
+        distill = dict(distill)
+        src = checked.unlabeled.source
+        distill["unlabeled"] = {**(distill["unlabeled"] if isinstance(distill["unlabeled"], dict) else {}),
+                                "source": [str(Path(x).expanduser().resolve()) for x in src]
+                                if isinstance(src, list) else str(Path(src).expanduser().resolve())}
+        if cfg.get("rect"):
+            raise ConfigError(f"{source}: distill.unlabeled does not work with rect=True (rectangular batches are "
+                              "ordered by image shape, mixed batches by the labeled/unlabeled plan): drop rect")
     resolved = {"teacher": str(teacher_path.resolve()), "distill": distill}
     text = yaml.safe_dump(resolved, sort_keys=False)
     out = detkd_home() / "runs" / f"kd-{hashlib.sha1(text.encode()).hexdigest()[:12]}.yaml"
@@ -188,6 +210,7 @@ def prepare(cfg: dict) -> tuple[str, dict, Path]:
     os.replace(tmp, out)
     args = {k: v for k, v in cfg.items() if k not in DETKD_KEYS and not k.startswith("_")}
     args["distill_model"] = str(out)
+    args["data"] = str(data_yaml)
     return student, args, out
 
 

@@ -30,6 +30,10 @@ Gap monitor (``detkd/integrations/ultralytics_gap.py``): the teacher is evaluate
 of training (cached); every epoch ``kd/teacher_mAP50-95`` and ``kd/gap`` go into ``results.csv`` and the log, and
 ``distill.stop_when_gap_stalls`` stops distillation or the run when the gap stops closing.
 
+Unlabeled frames (``detkd/integrations/ultralytics_unlabeled.py``): with ``distill.unlabeled: {source, ratio}`` the
+train loader mixes unlabeled images into every batch (``batch['unlabeled']``); ``loss()`` gives Ultralytics' detection
+loss of the labeled frames only and the distillation terms of all frames (FGD gets teacher boxes on unlabeled ones).
+
 Checkpoints (``last.pt``, ``best.pt``) hold the plain student ``DetectionModel`` only: they load with plain
 Ultralytics (``yolo predict``, ``yolo export``) where detkd is not installed. The distillation state needed to
 resume (adapter weights, their EMA) goes to ``weights/last.kd.pt`` beside them. Both are written atomically.
@@ -57,10 +61,11 @@ from ultralytics.utils.tal import make_anchors  # noqa: E402
 from ultralytics.utils.torch_utils import ModelEMA, unwrap_model  # noqa: E402
 
 from detkd.checkpoints import check_checkpoint  # noqa: E402
-from detkd.config import DistillConfig  # noqa: E402
+from detkd.config import DistillConfig, resolve_unlabeled_source  # noqa: E402
 from detkd.distiller import DenseOutputs, Distiller  # noqa: E402
 from detkd.errors import ConfigError, DetkdError  # noqa: E402
 from detkd.integrations.recipes import DEFAULT_RECIPE  # noqa: E402
+from detkd.integrations.ultralytics_unlabeled import labeled_loss, pseudo_boxes  # noqa: E402
 
 __all__ = [
     "DistillTrainer",
@@ -392,6 +397,9 @@ def load_kd_settings(source: str | Path) -> tuple[Path, dict]:
     if not teacher.is_absolute():
         teacher = (p.parent / teacher) if (p.parent / teacher).exists() else teacher
     distill = data.get("distill")
+    if isinstance(distill, dict) and distill.get("unlabeled"):
+        distill = dict(distill)
+        distill["unlabeled"] = resolve_unlabeled_source(distill["unlabeled"], p.parent)
     return teacher, (copy.deepcopy(DEFAULT_RECIPE) if distill is None else distill)
 
 
@@ -521,26 +529,76 @@ class KDDetectionModel(DistillationModel):
     def loss(self, batch: dict, preds=None):
         """Detection loss of the student plus the distillation terms, each its own loss item."""
         student = self.student_model
+        unl = _unlabeled_mask(batch)
         if not self.training or self.teacher_model is None:  # validation on the EMA copy (no teacher)
             if preds is None:
                 preds = student(batch["img"])
-            regular, items = student.loss(batch, preds)
+            regular, items = student.loss(batch, preds) if unl is None else labeled_loss(student, batch, preds, ~unl)
             zero = torch.zeros(len(self.kd_terms), device=regular.device)
             items.update({k: zero[i] for i, k in enumerate(self.kd_terms)})
             return torch.cat([regular, zero]), items
         img = batch["img"]
         with self.distiller.record(student):
             preds = student(img)
-        regular, items = student.loss(batch, preds)
+        # distill.unlabeled: the detection loss sees the labeled frames only; the KD terms below see every frame
+        regular, items = student.loss(batch, preds) if unl is None else labeled_loss(student, batch, preds, ~unl)
         gt_boxes, gt_valid = yolo_gt_boxes(batch, tuple(img.shape[-2:]))
         keys = batch.get("im_file") if self.distiller.teacher_cache is not None else None  # teacher_runtime.cache
-        terms = self.distiller(img, student_output=preds, gt_boxes=gt_boxes, gt_valid=gt_valid,
-                               img_shape=tuple(img.shape[-2:]), teacher_keys=keys)
+        try:
+            if unl is not None and bool(unl.any()) and self._needs_boxes():
+                gt_boxes, gt_valid = self._with_pseudo_boxes(img, keys, unl, gt_boxes, gt_valid)
+            terms = self.distiller(img, student_output=preds, gt_boxes=gt_boxes, gt_valid=gt_valid,
+                                   img_shape=tuple(img.shape[-2:]), teacher_keys=keys)
+        except BaseException:
+            reset = getattr(self.distiller, "_reset", None)  # a teacher run by _with_pseudo_boxes must not linger
+            if reset is not None:
+                reset()
+            raise
         kd = torch.stack([terms.get(k, torch.zeros((), device=img.device)).float() for k in self.kd_terms])
         for i, k in enumerate(self.kd_terms):
             items[k] = kd[i].detach()
         bs = img.shape[0]
         return torch.cat([regular * self.task_weight, kd * bs]), items
+
+    # --- distill.unlabeled: teacher boxes for the feature methods that need boxes (fgd) ---------------------------
+    def _needs_boxes(self) -> bool:
+        from detkd.losses.registry import FEATURE_METHODS
+
+        d = self.distiller
+        if not any(FEATURE_METHODS[t.method].needs_gt for t in d.cfg.features):
+            return False
+        return not all(m == 0.0 for m in d.multipliers().values())  # distillation stopped: no teacher run
+
+    def _with_pseudo_boxes(self, img, keys, unl, gt_boxes, gt_valid):
+        """``gt_boxes`` / ``gt_valid`` with the teacher's confident boxes added for the unlabeled frames (see
+        :func:`~detkd.integrations.ultralytics_unlabeled.pseudo_boxes`). Runs the teacher now; the Distiller then
+        uses that run instead of running it again."""
+        d = self.distiller
+        out = d.teacher_forward(img, keys=keys)
+        if out is not None:
+            with torch.no_grad():
+                dense = d.teacher_head_extractor(out)
+        else:  # every frame came from the teacher cache: its dense outputs, when logits / boxes are distilled
+            dense = getattr(d, "_t_dense", None)
+        if dense is None or dense.boxes is None:
+            if not getattr(self, "_warned_pseudo", False):
+                LOGGER.warning("detkd: distill.unlabeled: no teacher boxes for this batch (teacher outputs served from "
+                               "teacher_runtime.cache without dense outputs); fgd treats its unlabeled frames as "
+                               "background. Turn distill.logits or distill.boxes on, or the cache off")
+                self._warned_pseudo = True
+            return gt_boxes, gt_valid
+        conf = d.cfg.unlabeled.pseudo_conf if d.cfg.unlabeled is not None else 0.5
+        pb, pv = pseudo_boxes(dense.cls, dense.boxes, unl, conf, tuple(img.shape[-2:]))
+        return torch.cat([gt_boxes, pb.to(gt_boxes.device)], 1), torch.cat([gt_valid, pv.to(gt_valid.device)], 1)
+
+
+def _unlabeled_mask(batch: dict) -> torch.Tensor | None:
+    """``batch['unlabeled']`` as a bool ``(N,)`` tensor on the images' device, or None when absent."""
+    u = batch.get("unlabeled")
+    if u is None:
+        return None
+    u = torch.as_tensor(u, dtype=torch.bool).view(-1).to(batch["img"].device)
+    return u
 
 
 class DiskFullError(DetkdError, OSError):
@@ -596,6 +654,13 @@ class DistillTrainer(DetectionTrainer):
             if not self.teacher_path.is_file():
                 raise ConfigError(f"teacher: file not found: {self.teacher_path}")
             self.kd_state_path = self.wdir / "last.kd.pt"
+            from detkd.config import _unlabeled
+
+            raw = self.distill_dict.get("unlabeled") if isinstance(self.distill_dict, dict) else None
+            self.unlabeled = _unlabeled(raw, "distill.unlabeled", f"{self.args.distill_model}: ")
+            if self.unlabeled is not None and self.args.rect:
+                raise ConfigError("distill.unlabeled does not work with rect=True (rectangular batches are ordered by "
+                                  "image shape, mixed batches by the labeled/unlabeled plan): drop rect")
         except BaseException:
             self._release_run_lock()
             raise
@@ -624,6 +689,39 @@ class DistillTrainer(DetectionTrainer):
             return super().train()
         finally:
             self._release_run_lock()
+
+    # --- data: distill.unlabeled mixes unlabeled frames into the training batches (ultralytics_unlabeled.py) -------
+    def build_dataset(self, img_path, mode="train", batch=None):
+        if mode != "train" or getattr(self, "unlabeled", None) is None:
+            return super().build_dataset(img_path, mode, batch)
+        from ultralytics.data.utils import get_split_fraction
+        from ultralytics.utils import colorstr
+
+        from detkd.integrations.ultralytics_unlabeled import MixedDataset
+
+        a = self.args
+        fraction = 1.0 if self.data.get("complete") else get_split_fraction(a.fraction, "train")
+        return MixedDataset(
+            img_path=img_path, imgsz=a.imgsz, batch_size=batch, augment=True, hyp=a, rect=False,
+            cache=a.cache or None, single_cls=a.single_cls or False,
+            stride=max(int(unwrap_model(self.model).stride.max()), 32), pad=0.0, prefix=colorstr("train: "),
+            task=a.task, classes=a.classes, data=self.data, fraction=fraction, unlabeled_files=self.unlabeled.images(),
+        )
+
+    def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
+        if mode != "train" or getattr(self, "unlabeled", None) is None:
+            return super().get_dataloader(dataset_path, batch_size, rank, mode)
+        from ultralytics.utils.torch_utils import torch_distributed_zero_first
+
+        from detkd.integrations.ultralytics_unlabeled import build_mixed_loader, describe
+
+        with torch_distributed_zero_first(rank):
+            dataset = self.build_dataset(dataset_path, mode, batch_size)
+        loader = build_mixed_loader(dataset, batch_size, self.args.workers, self.unlabeled.ratio,
+                                    seed=int(self.args.seed or 0), rank=rank, device=self.device)
+        if RANK in {-1, 0}:
+            LOGGER.info(describe(dataset, loader.sampler, self.unlabeled))
+        return loader
 
     # --- model ---------------------------------------------------------------------------------------------------
     def get_model(self, cfg=None, weights=None, verbose=True):
