@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from detkd.assets import PICO_YAML
 from detkd.integrations.recipes import DEFAULT_RECIPE
@@ -63,7 +64,8 @@ BUDGETS: dict[str, Budget] = {
 
 # Relative cost of an epoch per kind of stage, in units of a student epoch (measured on 2 CPU cores with the
 # default pair; the runner replaces the unit by what it measures).
-COST = {"teacher": 2.0, "student": 1.0, "distilled": 1.8, "ultralytics": 1.6}
+COST = {"teacher": 2.0, "student": 1.0, "distilled": 1.8, "ultralytics": 1.6,
+        "distilled_unlabeled": 3.6}  # an epoch over the labeled frames at ratio 0.5 has twice the steps
 
 
 def budget(name: str, device: str = "cpu") -> Budget:
@@ -133,6 +135,8 @@ class Stage:
     seed: int = 0
     distill: dict | None = None          # detkd recipe (kind "distilled")
     teacher_from: str | None = None      # stage whose best.pt is the teacher
+    data: Any = None                     # None: the runner's data; a path; or a callable(runner) -> data.yaml,
+                                         # called only when the stage trains (e.g. pseudo-labels from the teacher)
 
 
 class StageRunner:
@@ -179,12 +183,13 @@ class StageRunner:
                              f"{self._eta(todo)})")
             teacher = self.weights.get(st.teacher_from) if st.teacher_from else None
             kd_yaml = None
-            if st.kind == "distilled":
+            if st.kind in ("distilled", "distilled_unlabeled"):
                 import yaml
 
                 kd_yaml = self.out / f"{st.name}.distill.yaml"
                 kd_yaml.write_text(yaml.safe_dump({"teacher": str(teacher), "distill": st.distill}, sort_keys=False))
-            self.weights[st.name] = train_run(st.model, self.data, self.runs, st.name, st.epochs, self.b, self.threads,
+            data = st.data(self) if callable(st.data) else Path(st.data) if st.data else self.data
+            self.weights[st.name] = train_run(st.model, data, self.runs, st.name, st.epochs, self.b, self.threads,
                                               st.seed, kd_yaml, teacher if st.kind == "ultralytics" else None)
             self._measure(st)
             self._write_progress()

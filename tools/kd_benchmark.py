@@ -8,6 +8,16 @@ Default rows (each student row for every seed, same data, epochs, seed and augme
   detkd              detkd's default recipe (logits + boxes + features)
   baseline_2x        the student alone for twice the epochs ("does distillation halve the bill?")
 Optional rows: logits, boxes, feat_<method> (fitnet cwd pkd at mgd fgd) — single-signal ablations.
+Few labels, much footage (--rows few_baseline few_hard few_soft few_both): the student keeps the labels of 10% of
+the train frames (chosen by the data seed); the other 90% are unlabeled footage. The teacher is the one above
+(trained on all labels). Every few-label row takes the same optimizer steps as the 100%-labels baseline:
+  few_baseline       the 10% only (listed 10 times, so an epoch has the full set's steps)
+  few_hard           the 10% + the teacher's pseudo-labels on the 90% (`detkd pseudo-label`, per-class F1-best
+                     thresholds chosen on val)
+  few_soft           the 10% + soft-label distillation on the 90% (`distill.unlabeled`, half of each batch; half
+                     the epochs, since such an epoch has twice the steps)
+  few_both           the pseudo-labelled set of few_hard + detkd's default recipe on every frame
+The reference row is `baseline` (the student with 100% of the labels).
 
 mAP50-95 by `detkd eval` (pycocotools) on the budget's *test* split, which nothing trains or chooses on
 (Ultralytics picks best.pt on val; sweeps choose on val), and on the *test_ood* split (cameras never seen in
@@ -40,6 +50,55 @@ from detkd.benchmark import BUDGETS, Stage, StageRunner, budget, make_data, say 
 
 FEATURES = ("fitnet", "cwd", "pkd", "at", "mgd", "fgd")
 DEFAULT_ROWS = ["teacher", "baseline", "ultralytics", "detkd", "baseline_2x"]
+FEW_ROWS = ("few_baseline", "few_hard", "few_soft", "few_both")
+FEW_FRACTION, FEW_RATIO = 0.1, 0.5
+
+
+def few_label_split(out: Path, data_yaml: Path, frac: float = FEW_FRACTION, seed: int = 0) -> dict[str, Path]:
+    """Split the train frames into a labeled ``frac`` and unlabeled rest (deterministic from ``seed``).
+
+    Writes ``few/labeled.yaml`` (train: the labeled frames listed ``1/frac`` times, so an epoch has the full set's
+    steps; val: the full val split), ``few/labeled_unique.yaml`` (each labeled frame once) and
+    ``few/unlabeled.txt``. Returns their paths.
+    """
+    import random
+
+    import yaml
+
+    few = out / "few"
+    paths = {"labeled": few / "labeled.yaml", "unique": few / "labeled_unique.yaml", "unlabeled": few / "unlabeled.txt"}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    few.mkdir(parents=True, exist_ok=True)
+    d = yaml.safe_load(data_yaml.read_text())
+    root = Path(d["path"])
+    imgs = sorted((root / d["train"]).glob("*.jpg"))
+    keep = set(random.Random(seed).sample(range(len(imgs)), k=max(1, round(frac * len(imgs)))))
+    labeled = [str(p) for i, p in enumerate(imgs) if i in keep]
+    (few / "labeled_x.txt").write_text("\n".join(labeled * max(1, round(1 / frac))) + "\n")
+    (few / "labeled_1.txt").write_text("\n".join(labeled) + "\n")
+    base = {"path": str(root), "val": d["val"], "names": d["names"]}
+    paths["labeled"].write_text(yaml.safe_dump({**base, "train": str(few / "labeled_x.txt")}))
+    paths["unique"].write_text(yaml.safe_dump({**base, "train": str(few / "labeled_1.txt")}))
+    paths["unlabeled"].write_text("\n".join(str(p) for i, p in enumerate(imgs) if i not in keep) + "\n")
+    return paths
+
+
+def _pseudo_data(out: Path, data_yaml: Path, b) -> callable:
+    """A stage data callable: the teacher's pseudo-labels on the unlabeled frames merged with the real 10%."""
+    def make(runner) -> Path:
+        from detkd.pseudo import pseudo_label
+
+        few = few_label_split(out, data_yaml)
+        dst = out / "few" / "pseudo"
+        if not (dst / "data.yaml").exists() or not (dst / ".complete").exists():
+            say("kd_benchmark", f"pseudo-labelling the unlabeled 90% with the teacher ({runner.weights['teacher']})")
+            sources = [p for p in few["unlabeled"].read_text().split() if p]
+            pseudo_label(runner.weights["teacher"], sources, dst, conf="auto", val_data=data_yaml, merge=few["unique"],
+                         imgsz=b.imgsz, progress=False)
+            (dst / ".complete").write_text("ok")
+        return dst / "data.yaml"
+    return make
 
 
 def recipes(distill: dict) -> dict[str, dict | None]:
@@ -51,18 +110,38 @@ def recipes(distill: dict) -> dict[str, dict | None]:
     return r
 
 
+_FEW_CTX: dict = {}  # out / data_yaml for the few-label stages (set in main)
+
+
+def _few_stage(row: str, name: str, seed: int, b) -> Stage:
+    out, data_yaml = _FEW_CTX["out"], _FEW_CTX["data"]
+    few = few_label_split(out, data_yaml)
+    if row == "few_baseline":
+        return Stage(name, "student", b.student, b.student_epochs, seed, data=few["labeled"])
+    if row == "few_hard":
+        return Stage(name, "student", b.student, b.student_epochs, seed, data=_pseudo_data(out, data_yaml, b))
+    if row == "few_both":
+        return Stage(name, "distilled", b.student, b.student_epochs, seed, distill=dict(b.distill),
+                     teacher_from="teacher", data=_pseudo_data(out, data_yaml, b))
+    recipe = {**b.distill, "unlabeled": {"source": str(few["unlabeled"]), "ratio": FEW_RATIO}}
+    return Stage(name, "distilled_unlabeled", b.student, max(1, round(b.student_epochs * (1 - FEW_RATIO))), seed,
+                 distill=recipe, teacher_from="teacher", data=few["labeled"])
+
+
 def stages_for(rows: list[str], seeds: list[int], b) -> list[Stage]:
     rec = recipes(b.distill)
-    needs_teacher = "teacher" in rows or any(r not in ("baseline", "baseline_2x") for r in rows)
+    needs_teacher = "teacher" in rows or any(r not in ("baseline", "baseline_2x", "few_baseline") for r in rows)
     st = [Stage("teacher", "teacher", b.teacher, b.teacher_epochs, 0)] if needs_teacher else []
     for seed in seeds:  # seed-major: a finished seed gives a complete partial table
         for row in rows:
             if row == "teacher":
                 continue
-            if row not in rec:
+            if row not in rec and row not in FEW_ROWS:
                 raise SystemExit(f"unknown row {row!r}; choose from: teacher {' '.join(rec)}")
             name = f"{row}_s{seed}"
-            if row in ("baseline", "baseline_2x"):
+            if row in FEW_ROWS:
+                st.append(_few_stage(row, name, seed, b))
+            elif row in ("baseline", "baseline_2x"):
                 st.append(Stage(name, "student", b.student, b.student_epochs * (2 if row == "baseline_2x" else 1), seed))
             elif row == "ultralytics":
                 st.append(Stage(name, "ultralytics", b.student, b.student_epochs, seed, teacher_from="teacher"))
@@ -88,31 +167,44 @@ def plateau_gain(curve: list[float]) -> float:
 
 def plateau_text(curve: list[float]) -> str:
     g = plateau_gain(curve)
+    if g != g:
+        return "last 20% of epochs: n/a (no mAP yet)"
     return f"last 20% of epochs: {g * 100:+.1f}% relative, {'flat' if g < 0.05 else 'still rising'} (< +5% is flat)"
 
 
 def table(results: dict[str, dict[str, list[float]]], split: str, seeds: list[int], b) -> list[str]:
-    """Markdown rows: mean ± std over seeds, per seed, gain on every seed, gap closed, vs Ultralytics."""
+    """Markdown rows: mean ± std over seeds, per seed, gain on every seed and gap closed (few-label rows against
+    few_baseline, the others against baseline), then the goal lines."""
     res = {row: v[split] for row, v in results.items() if split in v}
-    lines = [f"| row | mAP50-95 mean ± std | per seed | gain on every seed | gap closed |", "|---|---:|---|---|---:|"]
+    mean = statistics.mean
+    lines = ["| row | mAP50-95 mean ± std | per seed | gain on every seed | gap closed |", "|---|---:|---|---|---:|"]
     t = res.get("teacher", [None])[0]
-    base = res.get("baseline", [])
     for row, v in res.items():
+        ref = res.get("few_baseline" if row in FEW_ROWS else "baseline", [])
         sd = statistics.stdev(v) if len(v) > 1 else 0.0
-        m = statistics.mean(v)
-        gain = "" if row in ("teacher", "baseline") or len(base) != len(v) else \
-            ("yes" if all(x > y for x, y in zip(v, base)) else "no")
+        gain = "" if row in ("teacher", "baseline", "few_baseline") or len(ref) != len(v) else \
+            ("yes" if all(x > y for x, y in zip(v, ref)) else "no")
         gap = ""
-        if t is not None and base and row != "teacher" and t > statistics.mean(base):
-            gap = f"{(m - statistics.mean(base)) / (t - statistics.mean(base)) * 100:.0f}%"
-        lines.append(f"| {row} | {m:.2f} ± {sd:.2f} | {' / '.join(f'{x:.2f}' for x in v)} | {gain} | {gap} |")
+        if t is not None and ref and row != "teacher" and t > mean(ref) and v is not ref:
+            gap = f"{(mean(v) - mean(ref)) / (t - mean(ref)) * 100:.0f}%"
+        lines.append(f"| {row} | {mean(v):.2f} ± {sd:.2f} | {' / '.join(f'{x:.2f}' for x in v)} | {gain} | {gap} |")
     if "detkd" in res and "ultralytics" in res:
-        d = statistics.mean(res["detkd"]) - statistics.mean(res["ultralytics"])
+        d = mean(res["detkd"]) - mean(res["ultralytics"])
         lines.append(f"\ndetkd - Ultralytics' distill_model: {d:+.2f} mAP50-95 (goal >= +1.0)")
     if "detkd" in res and "baseline_2x" in res:
-        d = statistics.mean(res["detkd"]) - statistics.mean(res["baseline_2x"])
+        d = mean(res["detkd"]) - mean(res["baseline_2x"])
         lines.append(f"detkd at {b.student_epochs} epochs - baseline at {2 * b.student_epochs}: {d:+.2f} "
                      f"(>= 0: distillation halves the bill)")
+    few = [r for r in ("few_hard", "few_soft", "few_both") if r in res]
+    if few and "few_baseline" in res:
+        best = max(few, key=lambda r: mean(res[r]))
+        fb = mean(res["few_baseline"])
+        txt = f"few labels: best distilled row {best} {mean(res[best]):.2f}"
+        if "baseline" in res:
+            txt += f" vs the 100%-labels student {mean(res['baseline']):.2f} (goal: reach it)"
+        if t is not None and t > fb:
+            txt += f"; closes {(mean(res[best]) - fb) / (t - fb) * 100:.0f}% of the few_baseline-teacher gap (goal >= 60%)"
+        lines.append(txt)
     return lines
 
 
@@ -136,6 +228,7 @@ def main() -> None:
                         f"{Path(b.student).stem} {b.student_epochs} ep, {b.n_train} frames at {b.imgsz} px, seeds "
                         f"{a.seeds}, rows {a.rows}, {a.threads} threads, device {a.device}")
     data_yaml = make_data(out / "data", b, a.data_seed, "kd_benchmark")
+    _FEW_CTX.update(out=out, data=data_yaml)
     stages = stages_for(a.rows, a.seeds, b)
     weights = StageRunner(out, data_yaml, b, a.threads, stages, "kd_benchmark").run()
     if a.no_eval:
