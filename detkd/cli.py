@@ -29,14 +29,14 @@ NEEDS = {
     ("ultralytics", "ultralytics"): "train, eval, bench, demo, sweep, pseudo-label",
     ("pycocotools", "pycocotools"): "eval, demo, report",
     ("cv2", "opencv-python"): "data, eval, bench, demo, pseudo-label",
-    ("albumentations", "albumentations"): "data (augmentation from YAML)",
+    ("albumentations", "albumentations"): "train, demo, sweep (Ultralytics' blur / gray / CLAHE, p=0.01; optional)",
     ("yaml", "PyYAML"): "all",
     ("onnx", "onnx"): "bench, demo (ONNX export, INT8)",
     ("onnxruntime", "onnxruntime"): "bench, demo, eval MODEL.onnx",
     ("optuna", "optuna"): "sweep",
     ("faster_coco_eval", "faster-coco-eval"): "eval --engine faster (optional)",
 }
-OPTIONAL = {"faster_coco_eval"}
+OPTIONAL = {"faster_coco_eval", "albumentations"}
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:

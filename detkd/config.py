@@ -4,11 +4,16 @@ A documented example is ``configs/distill_example.yaml``; in short::
 
     distill:
       task_weight: 1.0          # multiplier on the student's own detection loss
-      logits:   {method: sigmoid_kd, weight: 1.0, temperature: 1.0}        # kd | sigmoid_kd
-      boxes:    {method: ld, weight: 1.0, temperature: 10.0}               # ld | l1_giou | bounded
+      logits:   {method: sigmoid_kd, weight: 4.0, temperature: 1.0}        # kd | sigmoid_kd
+      boxes:    {method: ld, weight: 4.0, temperature: 10.0}               # ld | l1_giou | bounded
       features:                                                            # fitnet | cwd | pkd | at | mgd | fgd
         - {student: neck.p3, teacher: neck.p3, method: cwd, weight: 1.0, options: {tau: 1.0}}
         - {student: neck.p4, teacher: neck.p4, method: fgd, adapter: auto}
+      # or, with an integration that knows the detection head's inputs (detkd train / DistillTrainer):
+      # features: auto          # one tap per detection level, student and teacher
+      # feature_method: cwd     # method / weight / options of those taps
+      # feature_weight: 1.0
+      # feature_options: {}
       stop_epoch: null          # from this epoch on: no distillation, no teacher forward
       stop_when_gap_stalls: null  # {patience: 5, min_delta: 0.0, action: stop_distill | stop_run}; detkd.gap
       teacher_runtime:          # how the frozen teacher runs; see TeacherRuntimeConfig
@@ -21,6 +26,12 @@ stop_epoch: null}``) or just its kind (``schedule: cosine``). ``logits.temperatu
 fixed temperature by a scheduled value. ``options`` are keyword arguments of the loss itself (see
 :mod:`detkd.losses.registry` for which function each method calls); they are checked against its signature.
 
+**Defaults have one home: the dataclasses below.** A key left out gets its default from here, in every integration
+(``detkd train`` and ``DistillTrainer`` included); ``detkd.integrations.recipes`` only says which terms and methods a
+run without a ``distill:`` block turns on, never a number. The dense weights default to 4 (logits 4 / boxes 4 /
+features 1 came out best of {1, 4, 8, 16} x {1, 4} on the built-in data, YOLOv8n -> YOLOv8-pico; at 1 the dense
+terms were ~5% of Ultralytics' detection loss and barely steered). In your own loop, set weights for your loss scale.
+
 Hard/soft balance: Hinton's ``loss = (1 - alpha) * task + alpha * KD`` with ``alpha`` ~ 0.7 is written
 ``task_weight: 0.3`` and every KD ``weight`` multiplied by ``0.7``. ``task_weight`` is applied by the
 integration (the Distiller only returns the KD terms).
@@ -32,6 +43,7 @@ from one) and the full key path, e.g. ``kd.yaml: distill.features[1].methd: unkn
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -44,7 +56,7 @@ from detkd.errors import ConfigError
 from detkd.gap import GAP_ACTIONS, GapStallConfig
 from detkd.schedules import KINDS, Schedule
 
-__all__ = ["ADAPTERS", "ScheduleConfig", "LogitConfig", "BoxConfig", "FeatureTapConfig", "TeacherRuntimeConfig",
+__all__ = ["ADAPTERS", "AUTO", "ScheduleConfig", "LogitConfig", "BoxConfig", "FeatureTapConfig", "TeacherRuntimeConfig",
            "UnlabeledConfig", "DistillConfig", "load_config", "unlabeled_images",
            "resolve_unlabeled_source"]
 
@@ -54,13 +66,17 @@ ADAPTERS = ("auto", "conv", "conv_bn", "none")
 
 ScheduleConfig = Schedule  # schedules are configured by the Schedule dataclass itself
 
+AUTO = "auto"
+"""``features: auto`` / a tap's ``student: auto`` / ``teacher: auto``: module names an integration fills in (the
+inputs of the detection head, one tap per level); see :meth:`DistillConfig.with_auto_taps`."""
+
 
 @dataclass
 class LogitConfig:
     """Classification-logit distillation (``distill.logits``)."""
 
     method: str = "sigmoid_kd"
-    weight: float = 1.0
+    weight: float = 4.0
     temperature: float = 1.0
     schedule: Schedule | None = None
     temperature_schedule: Schedule | None = None
@@ -72,7 +88,7 @@ class BoxConfig:
     """Box-regression distillation (``distill.boxes``); ``temperature`` is used by ``ld`` only."""
 
     method: str = "ld"
-    weight: float = 1.0
+    weight: float = 4.0
     temperature: float = 10.0
     schedule: Schedule | None = None
     options: dict = field(default_factory=dict)
@@ -81,7 +97,8 @@ class BoxConfig:
 @dataclass
 class FeatureTapConfig:
     """One feature pair (``distill.features[i]``): module names from ``model.named_modules()``, optionally
-    ``name:0`` / ``name:key`` for one element of a tuple/dict output."""
+    ``name:0`` / ``name:key`` for one element of a tuple/dict output, or ``auto`` (the i-th input of the detection
+    head, filled in by an integration)."""
 
     student: str = ""
     teacher: str = ""
@@ -159,9 +176,9 @@ class UnlabeledConfig:
         source: a folder of images (searched recursively; label files next to them are ignored), a ``.txt`` file
             listing image paths (one per line, relative to the file's folder), or a list of those.
         ratio: the unlabeled share of each batch, ``0 < ratio < 1``. Default 0.5.
-        pseudo_conf: teacher score (max class sigmoid) from which a teacher box counts as an object on an unlabeled
-            frame, for the feature methods that need boxes (``fgd``'s foreground mask); after class-agnostic NMS
-            (IoU 0.6), at most 100 per frame. Default 0.5.
+        pseudo_conf: teacher confidence (``DenseOutputs.anchor_confidence``; YOLO: max class sigmoid) from which a
+            teacher box counts as an object on an unlabeled frame, for the feature methods that need boxes (``fgd``'s
+            foreground mask); after class-agnostic NMS (IoU 0.6), at most 100 per frame. Default 0.5.
     """
 
     source: str | list[str] = ""
@@ -468,8 +485,8 @@ def _tap(d: Any, where: str, src: str) -> FeatureTapConfig:
     for k in ("student", "teacher"):
         v = d.get(k)
         if not isinstance(v, str) or not v:
-            raise ConfigError(f"{src}{where}.{k}: give the module name to tap, a str from model.named_modules() "
-                              f"(got {v!r})")
+            raise ConfigError(f"{src}{where}.{k}: give the module name to tap, a str from model.named_modules(), "
+                              f"or auto (an integration's detection-head input) (got {v!r})")
         setattr(tap, k, v)
     method = FEATURE_METHODS[_choice(d.get("method", tap.method), FEATURE_METHODS, f"{where}.method", src, "method")]
     tap.method = method.name
@@ -480,13 +497,24 @@ def _tap(d: Any, where: str, src: str) -> FeatureTapConfig:
     return tap
 
 
+_OFF = (None, False, "none")  # a term written as null / false / none is off
+
+
 @dataclass
 class DistillConfig:
-    """The whole ``distill:`` block. See the module docstring."""
+    """The whole ``distill:`` block. See the module docstring.
+
+    ``features`` is a list of taps, or ``"auto"`` (one tap per detection level, filled in by an integration with
+    :meth:`with_auto_taps`; ``feature_method`` / ``feature_weight`` / ``feature_options`` are those taps' method,
+    weight and options, defaulting to :class:`FeatureTapConfig`'s).
+    """
 
     logits: LogitConfig | None = None
     boxes: BoxConfig | None = None
-    features: list[FeatureTapConfig] = field(default_factory=list)
+    features: list[FeatureTapConfig] | str = field(default_factory=list)
+    feature_method: str = FeatureTapConfig.method
+    feature_weight: float = FeatureTapConfig.weight
+    feature_options: dict = field(default_factory=dict)
     stop_epoch: float | None = None
     task_weight: float = 1.0
     teacher_runtime: TeacherRuntimeConfig = field(default_factory=TeacherRuntimeConfig)
@@ -496,24 +524,29 @@ class DistillConfig:
     @classmethod
     def from_dict(cls, d: dict | None, source: str | None = None) -> DistillConfig:
         """Parse and check a ``distill`` mapping; ``source`` (a file name) prefixes every error message."""
-        from detkd.losses.registry import BOX_METHODS, LOGIT_METHODS
+        from detkd.losses.registry import BOX_METHODS, FEATURE_METHODS, LOGIT_METHODS
 
         src = f"{source}: " if source else ""
         d = _check_keys({} if d is None else d, cls, "distill", src)
         out = cls()
         out.stop_epoch = _opt_num(d.get("stop_epoch"), "distill.stop_epoch", src)
-        out.task_weight = _num(d.get("task_weight", 1.0), "distill.task_weight", src)
-        if d.get("logits") is not None:
+        out.task_weight = _num(d.get("task_weight", cls.task_weight), "distill.task_weight", src)
+        if d.get("logits") not in _OFF:
             out.logits = _head(d["logits"], LogitConfig, LOGIT_METHODS, "distill.logits", src)
-        if d.get("boxes") is not None:
+        if d.get("boxes") not in _OFF:
             out.boxes = _head(d["boxes"], BoxConfig, BOX_METHODS, "distill.boxes", src)
         feats = d.get("features")
-        if feats is None:
+        if feats in _OFF:
             feats = []
-        if not isinstance(feats, list):
+        if feats != AUTO and not isinstance(feats, list):
             raise ConfigError(f"{src}distill.features: expected a list of taps "
-                              f"({{student: name, teacher: name, method: ...}}), got {feats!r}")
-        out.features = [_tap(f, f"distill.features[{i}]", src) for i, f in enumerate(feats)]
+                              f"({{student: name, teacher: name, method: ...}}) or auto, got {feats!r}")
+        out.features = AUTO if feats == AUTO else [_tap(f, f"distill.features[{i}]", src) for i, f in enumerate(feats)]
+        method = FEATURE_METHODS[_choice(d.get("feature_method", out.feature_method), FEATURE_METHODS,
+                                         "distill.feature_method", src, "method")]
+        out.feature_method = method.name
+        out.feature_weight = _num(d.get("feature_weight", out.feature_weight), "distill.feature_weight", src)
+        out.feature_options = _options(d.get("feature_options"), method, "distill.feature_options", src)
         out.teacher_runtime = _teacher_runtime(d.get("teacher_runtime"), "distill.teacher_runtime", src)
         out.stop_when_gap_stalls = _gap_stall(d.get("stop_when_gap_stalls"), "distill.stop_when_gap_stalls", src)
         out.unlabeled = _unlabeled(d.get("unlabeled"), "distill.unlabeled", src)
@@ -521,10 +554,14 @@ class DistillConfig:
             raise ConfigError(f"{src}distill.boxes.method=bounded needs regression targets from ground truth, which "
                               "unlabeled frames (distill.unlabeled) do not have; use ld or l1_giou (teacher-score "
                               "weighted, no ground truth)")
-        return out
+        return out._mark_checked()
+
+    def _mark_checked(self) -> DistillConfig:
+        self._checked = True  # not a field: from_dict made it, load_config need not parse it again
+        return self
 
     def to_dict(self) -> dict:
-        """Plain dicts/lists/numbers (YAML-safe); ``DistillConfig.from_dict(c.to_dict()) == c``."""
+        """Plain dicts/lists/numbers (YAML-safe), every default written out; ``from_dict(c.to_dict()) == c``."""
         return dataclasses.asdict(self)
 
     def validate(self) -> DistillConfig:
@@ -536,6 +573,39 @@ class DistillConfig:
         """Whether any term is configured."""
         return bool(self.logits or self.boxes or self.features)
 
+    @property
+    def has_auto_taps(self) -> bool:
+        return self.features == AUTO or any(AUTO in (t.student, t.teacher) for t in self.features)
+
+    def with_auto_taps(self, student_inputs: list[str], teacher_inputs: list[str]) -> DistillConfig:
+        """A copy with ``auto`` resolved from the detection head's inputs of each model (module names, one per level):
+        ``features: auto`` becomes one tap per level (``feature_method`` / ``feature_weight`` /
+        ``feature_options``); a tap's ``student: auto`` / ``teacher: auto`` becomes the input of its own index."""
+        if self.features == AUTO:
+            if len(student_inputs) != len(teacher_inputs):
+                raise ConfigError(f"distill.features=auto: teacher has {len(teacher_inputs)} detection levels, "
+                                  f"student {len(student_inputs)}; list the feature pairs explicitly")
+            taps = [FeatureTapConfig(s, t, self.feature_method, self.feature_weight, None, dict(self.feature_options))
+                    for s, t in zip(student_inputs, teacher_inputs)]
+        else:
+            taps = [dataclasses.replace(t) for t in self.features]
+            for i, tap in enumerate(taps):
+                for role, names in (("student", student_inputs), ("teacher", teacher_inputs)):
+                    if getattr(tap, role) == AUTO:
+                        if i >= len(names):
+                            raise ConfigError(f"distill.features[{i}].{role}: auto: the {role} has only {len(names)} "
+                                              "detection levels; name the module")
+                        setattr(tap, role, names[i])
+        return dataclasses.replace(copy.deepcopy(self), features=taps)._mark_checked()
+
+    def require_module_names(self) -> DistillConfig:
+        """``self``, once no tap is ``auto`` (a plain Distiller cannot know a detection head's inputs)."""
+        if self.has_auto_taps:
+            raise ConfigError("distill.features: 'auto' taps the detection head's inputs, which only an integration "
+                              "knows (detkd train / DistillTrainer resolve it); with your own loop, list the taps by "
+                              "module name (model.named_modules())")
+        return self
+
 
 def load_config(config: DistillConfig | dict | str | Path | None) -> DistillConfig:
     """A checked :class:`DistillConfig` from a DistillConfig, a dict, or a YAML file.
@@ -543,8 +613,8 @@ def load_config(config: DistillConfig | dict | str | Path | None) -> DistillConf
     A file (or dict) may hold the block at its top level or under a ``distill:`` key (then other
     top-level keys, e.g. training settings, are ignored here).
     """
-    if isinstance(config, DistillConfig):
-        return config.validate()
+    if isinstance(config, DistillConfig):  # checked by from_dict already: an own copy, not parsed again
+        return copy.deepcopy(config) if getattr(config, "_checked", False) else config.validate()
     if config is None:
         return DistillConfig()
     if isinstance(config, (str, Path)):

@@ -2,9 +2,14 @@
 
 A config names ``teacher`` (.pt), ``student`` (.yaml or .pt), ``data`` (an Ultralytics data yaml, a COCO folder or
 ``{train: a.json, val: b.json}``, or a VOC root: converted and cached by `detkd.data.resolve`), a
-``distill:`` block (see ``configs/``), optional ``threads`` (torch CPU threads), and any Ultralytics train
-argument (``epochs``, ``imgsz``, ``batch``, ``device``, ``project``, ``name``, ...). ``key=value`` overrides use
-Ultralytics' style; nested distill keys use dots: ``distill.logits.weight=2``.
+``distill:`` block (see ``configs/``; without one, :data:`detkd.integrations.recipes.DEFAULT_RECIPE`), optional
+``threads`` (torch CPU threads), and any Ultralytics train argument (``epochs``, ``imgsz``, ``batch``, ``device``,
+``project``, ``name``, ...). ``key=value`` overrides use Ultralytics' style; nested distill keys use dots:
+``distill.logits.weight=2`` (on a config without ``distill:``, they change the recipe).
+
+The ``distill:`` block is parsed once (:meth:`detkd.config.DistillConfig.from_dict`, the same schema as a plain
+``Distiller``'s, ``features: auto`` included) and handed to ``DistillTrainer`` as it is; the trainer writes it, every
+default filled in, to ``<run>/distill.yaml`` beside Ultralytics' ``args.yaml``.
 
 Every check that can fail runs before the first epoch and fails with one clear message: missing or unreadable
 teacher, a teacher that is not a detection model, class-count mismatch, unknown keys or methods, a data yaml
@@ -13,8 +18,8 @@ pointing at missing folders.
 
 from __future__ import annotations
 
+import copy
 import difflib
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -22,7 +27,8 @@ from typing import Any
 import yaml
 
 from detkd.errors import ConfigError, DataError
-from detkd.integrations.ultralytics_env import detkd_home, ensure_ultralytics_offline
+from detkd.integrations.recipes import DEFAULT_RECIPE
+from detkd.integrations.ultralytics_env import ensure_ultralytics_offline
 
 DETKD_KEYS = {"teacher", "student", "distill", "threads"}
 
@@ -60,6 +66,8 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> d
         raise ConfigError(f"{p}: not valid YAML ({e})") from e
     if not isinstance(cfg, dict):
         raise ConfigError(f"{p}: expected a mapping of keys at the top level")
+    if cfg.get("distill") is None:  # the recipe is the block: overrides change it rather than replace it
+        cfg["distill"] = copy.deepcopy(DEFAULT_RECIPE)
     apply_overrides(cfg, overrides or [])
     base = p.parent.resolve()
     for k in ("teacher", "student", "data"):  # paths relative to the config file, when that file exists
@@ -152,8 +160,9 @@ def check_data_yaml(data: str | Path) -> dict:
     return d
 
 
-def prepare(cfg: dict) -> tuple[str, dict, Path]:
-    """Validate a train config and write the resolved distillation settings. Returns (student, train_args, kd_yaml)."""
+def prepare(cfg: dict) -> tuple[str, dict, Any]:
+    """Validate a train config. Returns ``(student, train_args, distill)``: ``distill`` is the parsed
+    :class:`~detkd.config.DistillConfig`, also in ``train_args['distill_model']`` with the teacher's path."""
     ensure_ultralytics_offline()
     source = cfg.get("_source", "config")
     _check_keys(cfg, source)
@@ -184,34 +193,17 @@ def prepare(cfg: dict) -> tuple[str, dict, Path]:
         from detkd.checkpoints import check_checkpoint
 
         check_checkpoint(cfg["resume"], "resume")
-    distill = cfg.get("distill")
-    if distill is None:
-        distill = dict(ul.DEFAULT_RECIPE)
-    # Validate the distill block now (unknown keys, methods, values) against the teacher's layers.
     from detkd.config import DistillConfig
 
-    probe = ul._expand_features(distill, teacher, teacher)
-    checked = DistillConfig.from_dict(probe, source=source)
-    if checked.unlabeled is not None:  # the run's kd yaml lives elsewhere: its source must not be relative
-        distill = dict(distill)
-        src = checked.unlabeled.source
-        distill["unlabeled"] = {**(distill["unlabeled"] if isinstance(distill["unlabeled"], dict) else {}),
-                                "source": [str(Path(x).expanduser().resolve()) for x in src]
-                                if isinstance(src, list) else str(Path(src).expanduser().resolve())}
-        if cfg.get("rect"):
-            raise ConfigError(f"{source}: distill.unlabeled does not work with rect=True (rectangular batches are "
-                              "ordered by image shape, mixed batches by the labeled/unlabeled plan): drop rect")
-    resolved = {"teacher": str(teacher_path.resolve()), "distill": distill}
-    text = yaml.safe_dump(resolved, sort_keys=False)
-    out = detkd_home() / "runs" / f"kd-{hashlib.sha1(text.encode()).hexdigest()[:12]}.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    raw = cfg.get("distill")
+    distill = DistillConfig.from_dict(copy.deepcopy(DEFAULT_RECIPE) if raw is None else raw, source=source)
+    if distill.unlabeled is not None and cfg.get("rect"):
+        raise ConfigError(f"{source}: distill.unlabeled does not work with rect=True (rectangular batches are "
+                          "ordered by image shape, mixed batches by the labeled/unlabeled plan): drop rect")
     args = {k: v for k, v in cfg.items() if k not in DETKD_KEYS and not k.startswith("_")}
-    args["distill_model"] = str(out)
+    args["distill_model"] = {"teacher": str(teacher_path.resolve()), "distill": distill}
     args["data"] = str(data_yaml)
-    return student, args, out
+    return student, args, distill
 
 
 def resolve_resume(args: dict, source: str = "config") -> dict:

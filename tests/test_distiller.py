@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detkd.config import BoxConfig, LogitConfig
 from detkd.distiller import DenseOutputs, Distiller
 from detkd.errors import ConfigError
 from detkd.losses import at_loss, box_kd_loss, cwd_loss, fitnet_loss, kd_loss, ld_loss, sigmoid_kd_loss
@@ -172,7 +173,7 @@ def test_terms_equal_independent_weighted_sum(pair):
     torch.testing.assert_close(terms["kd_total"].detach(), exp_cls + exp_box + exp_f1 + exp_f2, rtol=1e-4, atol=1e-6)
     assert set(kd.last_terms) == {"kd_cls", "kd_box", "kd_feat/backbone.b1", "kd_feat/backbone.b2"}
     # captured tensors are dropped after forward
-    assert not kd._s_out and not kd._t_out and kd._t_result is None
+    assert not kd.student_taps.out and not kd.teacher_runner.taps.out and not kd.teacher_runner.ran
     # gradients reach the student and the adapters, never the teacher
     terms["kd_total"].backward()
     assert all(p.grad is None for p in t.parameters())
@@ -192,8 +193,9 @@ def test_head_tapped_by_module_name_and_tuple_selection():
     terms = kd(x)
     with torch.no_grad():
         t_out, t_feats = t(x)
-        exp_cls = kd_loss(out["cls"].transpose(1, 2), t_out["cls"].transpose(1, 2), temperature=2.0)
-        exp_box = box_kd_loss(out["boxes"], t_out["boxes"], t_out["cls"].sigmoid().amax(-1))
+        # no weights given: the defaults of detkd.config (their one home)
+        exp_cls = LogitConfig.weight * kd_loss(out["cls"].transpose(1, 2), t_out["cls"].transpose(1, 2), 2.0)
+        exp_box = BoxConfig.weight * box_kd_loss(out["boxes"], t_out["boxes"], t_out["cls"].sigmoid().amax(-1))
         exp_feat = at_loss(feats[1], t_feats[1])  # both 8x8: no resize
     torch.testing.assert_close(terms["kd_cls"].detach(), exp_cls)
     torch.testing.assert_close(terms["kd_box"].detach(), exp_box)
@@ -331,7 +333,7 @@ def test_no_hooks_after_record_and_clean_student_copies(pair):
     with kd.record():
         inside(x)
         pickle.loads(pickle.dumps(inside))(x)
-        assert not kd._s_out
+        assert not kd.student_taps.out
 
 
 def test_record_other_model_ema_copy_and_data_parallel(pair):
@@ -377,7 +379,8 @@ def test_deepcopy_and_pickle_give_the_same_losses(pair):
     # a Distiller copied between record() and forward() starts clean
     with kd.record():
         s(x)
-    assert kd._s_out and not copy.deepcopy(kd)._s_out and not pickle.loads(pickle.dumps(kd))._s_out
+    assert kd.student_taps.out and not copy.deepcopy(kd).student_taps.out
+    assert not pickle.loads(pickle.dumps(kd)).student_taps.out
     kd(x)
 
 
@@ -462,3 +465,49 @@ def test_autocast_inputs_give_float32_terms(pair):
     assert all(v.dtype == torch.float32 for v in terms.values())
     for k in ref:
         assert float(terms[k].detach()) == pytest.approx(float(ref[k].detach()), rel=0.1)
+
+
+def l1_feature_loss(s: torch.Tensor, t: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+    return scale * (s - t).abs().mean()
+
+
+class ScaledL1(nn.Module):
+    """A learnable method: its own 1x1 conv from the student's channels to the teacher's."""
+
+    def __init__(self, student_channels: int, teacher_channels: int, *, scale: float = 1.0):
+        super().__init__()
+        self.align, self.scale = nn.Conv2d(student_channels, teacher_channels, 1), scale
+
+    def forward(self, s, t, **ctx):
+        return self.scale * (self.align(s) - t).abs().mean()
+
+
+def test_a_new_feature_method_is_one_decorated_loss(pair):
+    from detkd.losses.registry import FEATURE_METHODS, register_feature_method
+
+    s, t, x = pair
+    try:
+        register_feature_method("test_l1")(l1_feature_loss)
+        register_feature_method("test_l1_conv", learnable=True, aligns_channels=True)(ScaledL1)
+        with pytest.raises(ValueError, match="already registered"):
+            register_feature_method("test_l1")(l1_feature_loss)
+        with pytest.raises(ConfigError, match=r"options\.scal: unknown option for method 'test_l1'; did you mean"):
+            Distiller(s, t, {"features": [{"student": "backbone.b2", "teacher": "backbone.b2", "method": "test_l1",
+                                           "options": {"scal": 2}}]}, example_inputs=x)
+        kd = Distiller(s, t, {"features": [
+            {"student": "backbone.b2", "teacher": "backbone.b2", "method": "test_l1", "options": {"scale": 2.0},
+             "adapter": "conv"},
+            {"student": "backbone.b2", "teacher": "backbone.b2", "method": "test_l1_conv"}]}, example_inputs=x)
+        assert isinstance(kd.adapters["1"], nn.Identity) and len(list(kd.feature_losses["1"].parameters())) == 2
+        with kd.record():
+            s(x)
+        terms = kd(x)
+        with torch.no_grad():
+            s2, t2 = s.backbone.b2(s.backbone.b1(x).relu()), t.backbone.b2(t.backbone.b1(x).relu())
+            exp0 = l1_feature_loss(kd.adapters["0"](s2), t2, scale=2.0)
+            exp1 = kd.feature_losses["1"](s2, t2)
+        torch.testing.assert_close(terms["kd_feat"].detach(), exp0 + exp1)
+        assert b"l1_feature_loss" in pickle.dumps(kd)  # by reference: picklable for DDP
+    finally:
+        FEATURE_METHODS.pop("test_l1", None)
+        FEATURE_METHODS.pop("test_l1_conv", None)

@@ -8,8 +8,10 @@ end with identical student and adapter weights), KD terms non-zero, and state_di
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +109,23 @@ def test_trainer_rebuilt_from_class_and_args_keeps_settings(tmp_path):
                                    "project": str(tmp_path / "runs"), "imgsz": IMGSZ, "device": "cpu"})
     cfg = DEFAULT_CFG_DICT.copy()
     cfg.update(save_dir="")
+    t1._release_run_lock()  # a worker is another process (and, with RANK >= 0, takes no lock); here it is this one
     t2 = type(t1)(cfg=cfg, overrides=vars(t1.args))  # what ultralytics/utils/dist.py's generated file does
-    assert t2.teacher_path == t1.teacher_path and t2.distill_dict == t1.distill_dict
-    assert t2.distill_dict["stop_epoch"] == 7
+    assert t2.teacher_path == t1.teacher_path and t2.distill_cfg == t1.distill_cfg
+    assert t2.distill_cfg.stop_epoch == 7
+    # the settings live in the run folder, beside args.yaml, which points there (so do checkpoints and resume)
+    run = Path(t1.save_dir)
+    assert t1.args.distill_model == str(run / "distill.yaml")
+    assert yaml.safe_load((run / "args.yaml").read_text())["distill_model"] == str(run / "distill.yaml")
+    written = yaml.safe_load((run / "distill.yaml").read_text())
+    assert written["teacher"] == str(tpt.resolve()) and written["distill"]["stop_epoch"] == 7
+    assert written["distill"]["logits"]["weight"] == 4.0  # every default written out
+    # DDP: Ultralytics deletes the run folder before starting the workers; they get the settings inline
+    t1.args.distill_model = t1.settings()  # what DistillTrainer.train() does before handing over
+    args = vars(t1.args).copy()
+    t1.args.distill_model = str(run / "distill.yaml")
+    t2._release_run_lock()
+    shutil.rmtree(run)
+    t3 = type(t1)(cfg=cfg, overrides=args)
+    assert t3.distill_cfg == t1.distill_cfg and t3.args.distill_model == str(run / "distill.yaml")
+    assert yaml.safe_load((run / "distill.yaml").read_text()) == written

@@ -133,7 +133,7 @@ def test_half_teacher_on_cuda_gives_float32_terms(ul):
     half_model.load_state_dict(ref_model.state_dict())
     half_model.distiller.teacher_forward(batch["img"])
     tap = half_model.distiller.cfg.features[0].teacher  # a neck layer feeding Detect
-    assert half_model.distiller._t_out[tap].dtype == torch.float16  # the teacher really ran in float16 ...
+    assert half_model.distiller.teacher_runner.tap(tap).dtype == torch.float16  # the teacher ran in float16 ...
     got = _terms(ul, half_model, batch)
     assert next(half_model.distiller.teacher.parameters()).dtype == torch.float16
     for k, v in got.items():  # ... and the losses still got float32, close to the float32 teacher's terms

@@ -263,7 +263,7 @@ def test_inference_mode_really_records_inference_tensors(models):
     for on in (True, False):
         kd = Distiller(s, t, with_runtime(CFG, inference_mode=on), example_inputs=x)
         out = kd.teacher_forward(x)
-        assert out["cls"].is_inference() is on and kd._t_out["stage.1"].is_inference() is on
+        assert out["cls"].is_inference() is on and kd.teacher_runner.tap("stage.1").is_inference() is on
         with kd.record():
             s(x)
         torch.manual_seed(5)

@@ -76,14 +76,14 @@ def test_shipped_train_configs_are_valid(name):
     from ultralytics.nn.tasks import DetectionModel
 
     from detkd.config import DistillConfig
-    from detkd.integrations.ultralytics import _expand_features
+    from detkd.integrations.ultralytics import expand_taps
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_train_config(root / "configs" / name)
     _check_keys(cfg, name)
     s = DetectionModel(str(root / "detkd" / "assets" / "yolov8-pico.yaml"), nc=5, verbose=False)
     t = DetectionModel("yolov8n.yaml", nc=5, verbose=False)
-    c = DistillConfig.from_dict(_expand_features(cfg["distill"], s, t))
+    c = expand_taps(DistillConfig.from_dict(cfg["distill"], source=name), s, t)
     assert [f.student for f in c.features] == ["model.15", "model.18", "model.21"]
 
 
@@ -92,3 +92,47 @@ def test_shipped_distiller_example_config():
 
     c = load_config(Path(__file__).resolve().parents[1] / "configs" / "distill_example.yaml")
     assert [f.method for f in c.features] == ["cwd", "pkd", "fgd"] and c.logits.method == "sigmoid_kd"
+
+
+def test_recipe_is_the_block_of_a_config_without_one_and_overrides_change_it(tmp_path):
+    from detkd.config import DistillConfig
+    from detkd.integrations.recipes import DEFAULT_RECIPE
+
+    c = tmp_path / "run.yaml"
+    c.write_text(yaml.safe_dump({"teacher": "t.pt", "student": "yolov8n.yaml", "data": "d.yaml"}))
+    cfg = load_train_config(c, ["distill.logits.temperature=2", "distill.feature_method=pkd"])
+    d = DistillConfig.from_dict(cfg["distill"])
+    # the override changed the recipe; boxes and auto features stay on, weights come from the schema's defaults
+    assert d.logits.temperature == 2.0 and d.logits.weight == 4.0
+    assert d.logits.options == {"avg_factor": "teacher_score"}
+    assert d.boxes.method == "ld" and d.boxes.weight == 4.0 and d.boxes.temperature == 10.0
+    assert d.features == "auto" and d.feature_method == "pkd" and d.feature_weight == 1.0
+    # one home per default: the recipe names terms, methods and options, never a number
+    flat = yaml.safe_dump(DEFAULT_RECIPE)
+    assert not any(k in flat for k in ("weight", "temperature"))
+
+
+def test_ultralytics_keys_are_in_the_schema():
+    from detkd.config import DistillConfig
+
+    def err(d):
+        with pytest.raises(ConfigError) as e:
+            DistillConfig.from_dict(d, source="kd.yaml")
+        return str(e.value)
+
+    assert err({"feature_methd": "cwd"}) == ("kd.yaml: distill.feature_methd: unknown key; did you mean "
+                                             "'feature_method'?")
+    assert "distill.feature_method: unknown method 'cwdd'; did you mean 'cwd'?" in err({"feature_method": "cwdd"})
+    assert "distill.feature_options.tua: unknown option for method 'cwd'; did you mean 'tau'?" in err(
+        {"features": "auto", "feature_options": {"tua": 2}})
+    assert "distill.feature_weight: must be >= 0" in err({"feature_weight": -1})
+    assert "distill.features: expected a list of taps" in err({"features": "all"})
+    c = DistillConfig.from_dict({"features": [{"student": "auto", "teacher": "neck.2"}], "logits": "none",
+                                 "boxes": False})
+    assert c.logits is None and c.boxes is None and c.has_auto_taps
+    r = c.with_auto_taps(["model.15", "model.18"], ["model.5", "model.8"])
+    assert [(t.student, t.teacher) for t in r.features] == [("model.15", "neck.2")] and c.features[0].student == "auto"
+    with pytest.raises(ConfigError, match="teacher has 3 detection levels, student 2"):
+        DistillConfig.from_dict({"features": "auto"}).with_auto_taps(["a", "b"], ["x", "y", "z"])
+    with pytest.raises(ConfigError, match="only an integration knows"):
+        DistillConfig.from_dict({"features": "auto"}).require_module_names()

@@ -281,6 +281,7 @@ def test_pseudo_boxes_conf_nms_clip_cap():
     cls[1, 0, 0] = 5.0  # frame 1 is labeled: never pseudo boxes
     boxes = torch.tensor([[0, 0, 20, 20], [1, 1, 21, 21], [30, 30, 80, 50], [5, 5, 9, 9], [0, 0, 5, 5]]).float()
     boxes = boxes.expand(2, 5, 4).clone()
+    cls = cls.sigmoid().amax(-1)  # the teacher's confidence per anchor (YOLO: max class sigmoid)
     b, v = pseudo_boxes(cls, boxes, torch.tensor([True, False]), 0.5, (40, 64))
     assert v.tolist() == [[True, True], [False, False]]
     assert b[0, 0].tolist() == [0, 0, 20, 20] and b[0, 1].tolist() == [30, 30, 64, 40]  # clipped to the image

@@ -11,9 +11,12 @@ Two ways in:
                                  distill_model="kd.yaml")   # or distill_model="teacher.pt" for the default recipe
 
 The channel for detkd's settings is Ultralytics' own ``distill_model`` argument (its ``get_cfg`` rejects unknown
-keys): a detkd YAML with ``teacher:`` and a ``distill:`` block, or a teacher ``.pt`` (default recipe). Being a real
-train argument, it is saved in ``args.yaml`` and in checkpoints' ``train_args``, survives ``resume=True`` and is
-handed to DDP workers, which rebuild the trainer from its class and args.
+keys): a detkd YAML with ``teacher:`` and a ``distill:`` block, a teacher ``.pt`` (default recipe), or that mapping
+itself (``detkd train`` passes its parsed config). The trainer parses it once, writes it to ``<run>/distill.yaml``
+beside ``args.yaml`` and points ``distill_model`` there, so ``args.yaml``, checkpoints' ``train_args`` and
+``resume=True`` name the run's own copy. DDP workers rebuild the trainer from its class and args; because
+Ultralytics deletes the run folder before starting them, they get the settings inline and rank 0 writes the file
+again.
 
 How it hooks in: ``DistillTrainer.get_model`` returns a :class:`KDDetectionModel`, a subclass of Ultralytics'
 ``DistillationModel`` so that every place Ultralytics special-cases distillation (frozen teacher, EMA without the
@@ -51,6 +54,7 @@ from detkd.integrations.ultralytics_env import ensure_ultralytics_offline
 ensure_ultralytics_offline()
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
 from ultralytics.nn.distill_model import DistillationModel  # noqa: E402
@@ -61,7 +65,7 @@ from ultralytics.utils.tal import make_anchors  # noqa: E402
 from ultralytics.utils.torch_utils import ModelEMA, unwrap_model  # noqa: E402
 
 from detkd.checkpoints import check_checkpoint  # noqa: E402
-from detkd.config import DistillConfig, resolve_unlabeled_source  # noqa: E402
+from detkd.config import DistillConfig, load_config, resolve_unlabeled_source  # noqa: E402
 from detkd.distiller import DenseOutputs, Distiller  # noqa: E402
 from detkd.errors import ConfigError, DetkdError  # noqa: E402
 from detkd.integrations.recipes import DEFAULT_RECIPE  # noqa: E402
@@ -73,6 +77,9 @@ __all__ = [
     "UltralyticsHead",
     "load_teacher",
     "load_kd_settings",
+    "write_settings",
+    "detect_inputs",
+    "expand_taps",
     "check_compatible",
     "detect_layer",
     "yolo_gt_boxes",
@@ -376,15 +383,22 @@ def yolo_gt_boxes(batch: dict, img_shape: tuple[int, int]) -> tuple[torch.Tensor
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_kd_settings(source: str | Path) -> tuple[Path, dict]:
-    """Resolve Ultralytics' ``distill_model`` value to ``(teacher_path, distill_dict)``.
+def load_kd_settings(source: Any) -> tuple[Path, DistillConfig]:
+    """Resolve Ultralytics' ``distill_model`` value to ``(teacher_path, checked DistillConfig)``.
 
-    ``source`` is a teacher ``.pt`` (default recipe) or a detkd YAML with ``teacher`` and ``distill`` keys
-    (other keys, e.g. Ultralytics train settings of a ``detkd train`` config, are ignored here).
+    ``source`` is a teacher ``.pt`` (the default recipe, :data:`~detkd.integrations.recipes.DEFAULT_RECIPE`), a detkd
+    YAML with ``teacher`` and an optional ``distill`` block (other keys, e.g. the Ultralytics settings of a ``detkd
+    train`` config, are ignored here; relative paths are relative to the file), or the mapping ``{"teacher": path,
+    "distill": DistillConfig | dict}`` itself (``detkd train`` hands its parsed config over this way: not parsed again).
     """
+    if isinstance(source, dict):
+        if "teacher" not in source:
+            raise ConfigError("distill_model: a mapping needs 'teacher' (path to the teacher .pt) and 'distill'")
+        distill = source.get("distill")
+        return Path(str(source["teacher"])), load_config(copy.deepcopy(DEFAULT_RECIPE) if distill is None else distill)
     p = Path(str(source))
     if p.suffix.lower() == ".pt":
-        return p, copy.deepcopy(DEFAULT_RECIPE)
+        return p, load_config(copy.deepcopy(DEFAULT_RECIPE))
     if not p.is_file():
         raise ConfigError(f"distill_model: file not found: {p} (expected a detkd YAML or a teacher .pt)")
     try:
@@ -398,46 +412,42 @@ def load_kd_settings(source: str | Path) -> tuple[Path, dict]:
         teacher = (p.parent / teacher) if (p.parent / teacher).exists() else teacher
     distill = data.get("distill")
     if isinstance(distill, dict) and distill.get("unlabeled"):
-        distill = dict(distill)
-        distill["unlabeled"] = resolve_unlabeled_source(distill["unlabeled"], p.parent)
-    return teacher, (copy.deepcopy(DEFAULT_RECIPE) if distill is None else distill)
+        distill = {**distill, "unlabeled": resolve_unlabeled_source(distill["unlabeled"], p.parent)}
+    distill = copy.deepcopy(DEFAULT_RECIPE) if distill is None else distill
+    return teacher, DistillConfig.from_dict(distill, source=str(p))
 
 
-def _expand_features(distill: dict, student: nn.Module, teacher: nn.Module) -> dict:
-    """Turn ``features: auto`` (and per-tap ``student/teacher: auto``) into the Detect inputs of each model."""
-    d = dict(distill)
-    method = d.pop("feature_method", "cwd")
-    weight = d.pop("feature_weight", 1.0)
-    options = d.pop("feature_options", {}) or {}
-    feats = d.get("features", "auto")
-    s_layers = [f"model.{i}" for i in detect_layer(student).f]
-    t_layers = [f"model.{i}" for i in detect_layer(teacher).f]
-    if feats == "auto":
-        if len(s_layers) != len(t_layers):
-            raise ConfigError(
-                f"distill.features=auto: teacher has {len(t_layers)} detection levels, student {len(s_layers)}; "
-                "list the feature pairs explicitly"
-            )
-        d["features"] = [
-            {"student": s, "teacher": t, "method": method, "weight": weight, "options": dict(options)}
-            for s, t in zip(s_layers, t_layers)
-        ]
-    elif feats in (None, False, "none"):
-        d["features"] = []
-    else:
-        out = []
-        for i, tap in enumerate(feats):
-            tap = dict(tap)
-            if tap.get("student", "auto") == "auto":
-                tap["student"] = s_layers[i]
-            if tap.get("teacher", "auto") == "auto":
-                tap["teacher"] = t_layers[i]
-            out.append(tap)
-        d["features"] = out
-    for k in ("logits", "boxes"):
-        if d.get(k) in (False, "none"):
-            d[k] = None
-    return d
+SETTINGS_FILE = "distill.yaml"
+
+
+def write_settings(run_dir: str | Path, teacher: Path, cfg: DistillConfig) -> Path:
+    """Write ``<run_dir>/distill.yaml`` (atomically): the teacher (absolute) and the parsed ``distill:`` block with
+    every default written out and unlabeled sources absolute. ``distill_model`` points here, so ``args.yaml``, checkpoints and
+    ``resume`` find the settings in the run folder itself."""
+    d = cfg.to_dict()
+    if cfg.unlabeled is not None:
+        src = cfg.unlabeled.source
+        d["unlabeled"]["source"] = ([str(Path(x).expanduser().resolve()) for x in src] if isinstance(src, list)
+                                    else str(Path(src).expanduser().resolve()))
+    text = ("# detkd: the distillation settings of this run (parsed; every default written out). args.yaml's "
+            "distill_model points here.\n" + yaml.safe_dump({"teacher": str(Path(teacher).resolve()), "distill": d},
+                                                           sort_keys=False))
+    out = Path(run_dir) / SETTINGS_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    return out
+
+
+def detect_inputs(model: nn.Module) -> list[str]:
+    """Module names of the layers feeding the Detect head (``Detect.f``), one per level: what ``auto`` taps."""
+    return [f"model.{i}" for i in detect_layer(model).f]
+
+
+def expand_taps(cfg: DistillConfig, student: nn.Module, teacher: nn.Module) -> DistillConfig:
+    """``cfg`` with ``features: auto`` / per-tap ``auto`` names resolved to each model's Detect inputs."""
+    return cfg.with_auto_taps(detect_inputs(student), detect_inputs(teacher)) if cfg.has_auto_taps else cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -452,9 +462,10 @@ class KDDetectionModel(DistillationModel):
     ``ModelEMA`` does to its copy) drops the teacher from that copy.
     """
 
-    def __init__(self, student: DetectionModel, teacher: DetectionModel, distill: dict, imgsz: int = 640):
+    def __init__(self, student: DetectionModel, teacher: DetectionModel, distill: DistillConfig | dict,
+                 imgsz: int = 640):
         nn.Module.__init__(self)
-        cfg = DistillConfig.from_dict(_expand_features(distill, student, teacher))
+        cfg = expand_taps(load_config(distill), student, teacher)
         check_compatible(student, teacher, cfg)
         s_det = detect_layer(student)
         ch = student.yaml.get("channels", 3) if isinstance(getattr(student, "yaml", None), dict) else 3
@@ -550,9 +561,7 @@ class KDDetectionModel(DistillationModel):
             terms = self.distiller(img, student_output=preds, gt_boxes=gt_boxes, gt_valid=gt_valid,
                                    img_shape=tuple(img.shape[-2:]), teacher_keys=keys)
         except BaseException:
-            reset = getattr(self.distiller, "_reset", None)  # a teacher run by _with_pseudo_boxes must not linger
-            if reset is not None:
-                reset()
+            self.distiller.reset_step()  # a teacher run by _with_pseudo_boxes must not linger
             raise
         kd = torch.stack([terms.get(k, torch.zeros((), device=img.device)).float() for k in self.kd_terms])
         for i, k in enumerate(self.kd_terms):
@@ -574,12 +583,8 @@ class KDDetectionModel(DistillationModel):
         :func:`~detkd.integrations.ultralytics_unlabeled.pseudo_boxes`). Runs the teacher now; the Distiller then
         uses that run instead of running it again."""
         d = self.distiller
-        out = d.teacher_forward(img, keys=keys)
-        if out is not None:
-            with torch.no_grad():
-                dense = d.teacher_head_extractor(out)
-        else:  # every frame came from the teacher cache: its dense outputs, when logits / boxes are distilled
-            dense = getattr(d, "_t_dense", None)
+        d.teacher_forward(img, keys=keys)
+        dense = d.teacher_dense()  # from the live run, or from the teacher cache when logits / boxes are distilled
         if dense is None or dense.boxes is None:
             if not getattr(self, "_warned_pseudo", False):
                 LOGGER.warning("detkd: distill.unlabeled: no teacher boxes for this batch (teacher outputs served from "
@@ -588,7 +593,7 @@ class KDDetectionModel(DistillationModel):
                 self._warned_pseudo = True
             return gt_boxes, gt_valid
         conf = d.cfg.unlabeled.pseudo_conf if d.cfg.unlabeled is not None else 0.5
-        pb, pv = pseudo_boxes(dense.cls, dense.boxes, unl, conf, tuple(img.shape[-2:]))
+        pb, pv = pseudo_boxes(dense.anchor_confidence(), dense.boxes, unl, conf, tuple(img.shape[-2:]))
         return torch.cat([gt_boxes, pb.to(gt_boxes.device)], 1), torch.cat([gt_valid, pv.to(gt_valid.device)], 1)
 
 
@@ -638,7 +643,10 @@ def _resync_nonfinite(ema: nn.Module, live: nn.Module) -> None:
 class DistillTrainer(DetectionTrainer):
     """Ultralytics ``DetectionTrainer`` that trains a :class:`KDDetectionModel`.
 
-    Reads detkd settings from the ``distill_model`` train argument (a detkd YAML or a teacher ``.pt``).
+    Reads detkd settings from the ``distill_model`` train argument (a detkd YAML, a teacher ``.pt``, or the mapping
+    ``{"teacher": ..., "distill": ...}``; see :func:`load_kd_settings`), parses them once, writes them to
+    ``<run>/distill.yaml`` beside ``args.yaml`` and points ``distill_model`` there, so ``args.yaml``, the checkpoints'
+    ``train_args`` and ``resume`` name the run's own copy.
     """
 
     def __init__(self, cfg=None, overrides: dict | None = None, _callbacks=None):
@@ -648,36 +656,40 @@ class DistillTrainer(DetectionTrainer):
             super().__init__(cfg or DEFAULT_CFG, overrides, _callbacks)
             if os.environ.get("DETKD_THREADS"):  # Ultralytics sets 1 CPU thread on a 2-core machine; let users choose
                 torch.set_num_threads(int(os.environ["DETKD_THREADS"]))
-            if not self.args.distill_model:
-                raise ConfigError("DistillTrainer needs distill_model=<detkd YAML or teacher .pt>")
-            self.teacher_path, self.distill_dict = load_kd_settings(self.args.distill_model)
-            if not self.teacher_path.is_file():
-                raise ConfigError(f"teacher: file not found: {self.teacher_path}")
             self.kd_state_path = self.wdir / "last.kd.pt"
-            from detkd.config import _unlabeled
-
-            raw = self.distill_dict.get("unlabeled") if isinstance(self.distill_dict, dict) else None
-            self.unlabeled = _unlabeled(raw, "distill.unlabeled", f"{self.args.distill_model}: ")
-            if self.unlabeled is not None and self.args.rect:
-                raise ConfigError("distill.unlabeled does not work with rect=True (rectangular batches are ordered by "
-                                  "image shape, mixed batches by the labeled/unlabeled plan): drop rect")
         except BaseException:
             self._release_run_lock()
             raise
 
-    # --- run folder: resumable check, one run at a time ----------------------------------------------------------
+    # --- run folder: settings, resumable check, one run at a time ------------------------------------------------
     def check_resume(self, overrides):
         """Ultralytics' resume check, after detkd's: a finished run is refused before any folder is made. Then the
-        run folder is locked (``.detkd.lock``) so that a second run into it is refused instead of interleaving."""
+        settings are read (errors before any folder is made too), the run folder is locked (``.detkd.lock``) so that
+        a second run into it is refused instead of interleaving, and ``<run>/distill.yaml`` is written. Runs inside
+        BaseTrainer's ``__init__``, before it saves ``args.yaml``."""
         r = self.args.resume
         if isinstance(r, (str, Path)) and str(r) not in ("True", "False", "") and Path(r).is_file():
             check_resumable(r)
         super().check_resume(overrides)
-        if RANK == -1:  # DDP workers (RANK >= 0) run under their launching process's lock
-            from ultralytics.cfg import get_save_dir
+        self._load_settings()
+        from ultralytics.cfg import get_save_dir
 
+        if RANK == -1:  # DDP workers (RANK >= 0) run under their launching process's lock
             self.args.save_dir = str(get_save_dir(self.args))  # pinned: the folder locked is the folder used
             self._run_lock = lock_run_dir(self.args.save_dir)
+        if RANK in {-1, 0}:
+            self.args.distill_model = str(write_settings(get_save_dir(self.args), self.teacher_path, self.distill_cfg))
+
+    def _load_settings(self) -> None:
+        if not self.args.distill_model:
+            raise ConfigError("DistillTrainer needs distill_model=<detkd YAML or teacher .pt>")
+        self.teacher_path, self.distill_cfg = load_kd_settings(self.args.distill_model)
+        if not self.teacher_path.is_file():
+            raise ConfigError(f"teacher: file not found: {self.teacher_path}")
+        self.unlabeled = self.distill_cfg.unlabeled
+        if self.unlabeled is not None and self.args.rect:
+            raise ConfigError("distill.unlabeled does not work with rect=True (rectangular batches are ordered by "
+                              "image shape, mixed batches by the labeled/unlabeled plan): drop rect")
 
     def _release_run_lock(self):
         f = self.__dict__.pop("_run_lock", None)
@@ -686,9 +698,19 @@ class DistillTrainer(DetectionTrainer):
 
     def train(self):
         try:
-            return super().train()
+            path = self.args.distill_model
+            if self.ddp and not self.resume:  # Ultralytics' DDP launch deletes the run folder (distill.yaml with it)
+                self.args.distill_model = self.settings()  # before the workers start: they get the settings inline
+            try:
+                return super().train()
+            finally:
+                self.args.distill_model = path
         finally:
             self._release_run_lock()
+
+    def settings(self) -> dict:
+        """The parsed settings as a ``distill_model`` mapping (see :func:`load_kd_settings`)."""
+        return {"teacher": str(self.teacher_path), "distill": self.distill_cfg}
 
     # --- data: distill.unlabeled mixes unlabeled frames into the training batches (ultralytics_unlabeled.py) -------
     def build_dataset(self, img_path, mode="train", batch=None):
@@ -732,7 +754,7 @@ class DistillTrainer(DetectionTrainer):
         student.args = self.args
         teacher = load_teacher(self.teacher_path)
         imgsz = self.args.imgsz if isinstance(self.args.imgsz, int) else max(self.args.imgsz)
-        model = KDDetectionModel(student, teacher, self.distill_dict, imgsz=int(imgsz))
+        model = KDDetectionModel(student, teacher, self.distill_cfg, imgsz=int(imgsz))
         check_teacher_cache(self.args, model.distiller.cfg)
         if RANK in {-1, 0} and verbose:
             d = model.distiller

@@ -26,8 +26,8 @@ batch a mix of labeled frames and unlabeled frames, a share ``R`` of them unlabe
   for a batch of those frames alone (Ultralytics multiplies by that batch size: each labeled frame weighs what
   it weighs in a fully labeled batch). The distillation terms are computed on all frames.
 * :func:`pseudo_boxes`: features whose loss needs boxes (``fgd``'s foreground mask; ``needs_gt`` in
-  :mod:`detkd.losses.registry`) get, on unlabeled frames, the teacher's confident boxes: anchors whose max class
-  score is ``>= pseudo_conf``, class-agnostic NMS at IoU 0.6, at most 100 per frame. Labeled frames keep their
+  :mod:`detkd.losses.registry`) get, on unlabeled frames, the teacher's confident boxes: anchors whose confidence
+  (``DenseOutputs.anchor_confidence``: the max class sigmoid) is ``>= pseudo_conf``, class-agnostic NMS at IoU 0.6, at most 100 per frame. Labeled frames keep their
   ground truth. Logit and box distillation need no ground truth: ``sigmoid_kd`` / ``kd`` use every anchor, and
   ``ld`` / ``l1_giou`` weight each anchor by the teacher's confidence (``bounded``, which needs ground-truth
   regression targets, is refused with ``unlabeled``). ``fitnet``, ``cwd``, ``pkd``, ``at``, ``mgd`` use no boxes.
@@ -352,20 +352,21 @@ def pad_boxes(bidx: torch.Tensor, xyxy: torch.Tensor, n: int) -> tuple[torch.Ten
 
 
 @torch.no_grad()
-def pseudo_boxes(cls: torch.Tensor, boxes: torch.Tensor, frames: torch.Tensor, conf: float,
+def pseudo_boxes(score: torch.Tensor, boxes: torch.Tensor, frames: torch.Tensor, conf: float,
                  img_shape: tuple[int, int], iou: float = PSEUDO_IOU,
                  max_det: int = PSEUDO_MAX_DET) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's confident boxes on the ``frames`` (bool ``(N,)``), padded ``(N, M, 4)`` xyxy pixels and
     ``(N, M)`` validity (other frames: none).
 
-    ``cls (N, A, K)`` raw logits and ``boxes (N, A, 4)`` decoded xyxy of the teacher; an anchor is a candidate
-    when ``max_k sigmoid(cls) >= conf``; candidates are clipped to the image, boxes under 1 px dropped, then
-    class-agnostic NMS per frame at ``iou`` keeps at most ``max_det`` per frame, best first.
+    ``score (N, A)`` is the teacher's confidence per anchor (``DenseOutputs.anchor_confidence()``: YOLO's max class
+    sigmoid) and ``boxes (N, A, 4)`` its decoded xyxy boxes; an anchor is a candidate when ``score >= conf``;
+    candidates are clipped to the image, boxes under 1 px dropped, then class-agnostic NMS per frame at ``iou``
+    keeps at most ``max_det`` per frame, best first.
     """
     from torchvision.ops import batched_nms
 
-    n = cls.shape[0]
-    score = cls.float().sigmoid().amax(-1)  # (N, A)
+    n = score.shape[0]
+    score = score.float()
     sel = (score >= conf) & frames.to(score.device).view(-1, 1).bool()
     b, a = sel.nonzero(as_tuple=True)
     bx, sc = boxes.float()[b, a], score[b, a]

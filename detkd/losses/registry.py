@@ -29,6 +29,9 @@ Three tables, each ``name -> entry`` with a uniform calling convention:
   (anything with ``cls (N, A, K)`` raw logits, ``box_dist (N, A, 4, R)`` DFL logits or None, ``boxes
   (N, A, 4)`` decoded xyxy or None, e.g. :class:`detkd.distiller.DenseOutputs`) and returns a 0-dim loss.
 
+A new feature method is one file in ``detkd/losses/`` holding the loss with :func:`register_feature_method` on it,
+imported by ``detkd/losses/__init__.py``; the entries below predate it.
+
 Every entry knows which ``options`` (YAML ``options:`` mapping) its loss accepts: ``option_names()`` reads
 the keyword arguments of the underlying loss (``target``) minus the ones the Distiller fills itself.
 Losses are imported lazily, inside the builders.
@@ -46,7 +49,8 @@ from torch import Tensor, nn
 
 from detkd.errors import ConfigError
 
-__all__ = ["FeatureMethod", "HeadMethod", "Method", "FEATURE_METHODS", "LOGIT_METHODS", "BOX_METHODS"]
+__all__ = ["FeatureMethod", "HeadMethod", "Method", "FEATURE_METHODS", "LOGIT_METHODS", "BOX_METHODS",
+           "register_feature_method"]
 
 
 def _option_names(target: str, fixed: tuple[str, ...]) -> frozenset[str] | None:
@@ -166,12 +170,66 @@ FEATURE_METHODS: dict[str, FeatureMethod] = {
 }
 
 
+
+class FunctionTerm(nn.Module):
+    """A stateless feature loss ``fn(s, t, **options)`` with bound options, as a feature term (no parameters)."""
+
+    def __init__(self, fn: Callable[..., Tensor], **options: Any):
+        super().__init__()
+        self.fn, self.options = fn, options
+
+    def forward(self, s: Tensor, t: Tensor, **ctx: Any) -> Tensor:
+        return self.fn(s, t, **self.options)
+
+    def extra_repr(self) -> str:
+        return f"{getattr(self.fn, '__name__', self.fn)}, options={self.options}"
+
+
+def register_feature_method(name: str, *, learnable: bool = False, aligns_channels: bool = False,
+                            channel_free: bool = False, needs_gt: bool = False, extra_options: tuple[str, ...] = ()):
+    """Decorator: make a feature loss available as ``method: <name>``, written next to the loss in its own file.
+
+    On a function ``fn(s, t, *, opt=...)`` (stateless; its keyword arguments are the YAML ``options``)::
+
+        @register_feature_method("mine", channel_free=True)
+        def mine_loss(s: Tensor, t: Tensor, *, alpha: float = 1.0) -> Tensor: ...
+
+    On an ``nn.Module`` class built as ``cls(student_channels, teacher_channels, **options)`` whose
+    ``forward(s, t, *, gt_boxes=None, gt_valid=None, img_shape=None, **ctx)`` returns the 0-dim loss (learnable
+    methods; set ``learnable`` / ``aligns_channels`` / ``needs_gt`` as in the module docstring's table). The module
+    holding it must be imported by ``detkd/losses/__init__.py`` (config validation looks names up when
+    ``detkd.losses`` is imported). Returns the decorated object unchanged.
+    """
+
+    def register(obj):
+        if name in FEATURE_METHODS:
+            raise ValueError(f"feature method {name!r} is already registered")
+        target = f"{obj.__module__}:{obj.__qualname__}"
+        if isinstance(obj, type) and issubclass(obj, nn.Module):
+            build, fixed = obj, ("student_channels", "teacher_channels")
+        else:
+            build, fixed = functools.partial(_function_term, obj), ("s", "t")
+        FEATURE_METHODS[name] = FeatureMethod(name, build, target, fixed, learnable, aligns_channels, channel_free,
+                                              needs_gt, tuple(extra_options))
+        return obj
+
+    return register
+
+
+def _function_term(fn: Callable[..., Tensor], student_channels: int, teacher_channels: int,
+                   **options: Any) -> nn.Module:
+    return FunctionTerm(fn, **options)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Dense-head methods: s, t have .cls (N, A, K), .box_dist (N, A, 4, R) | None, .boxes (N, A, 4) | None
 # ------------------------------------------------------------------------------------------------------------
 def teacher_score(t: Any) -> Tensor:
-    """``(N, A)`` teacher confidence: the max over classes of ``sigmoid(t.cls)`` (no gradient)."""
-    return t.cls.detach().sigmoid().amax(-1)
+    """``(N, A)`` teacher confidence, no gradient: ``t.anchor_confidence()`` when ``t`` has it
+    (:class:`detkd.distiller.DenseOutputs`: the head's own ``confidence``, else the max of its foreground class
+    probabilities, sigmoid or softmax), else the max over classes of ``sigmoid(t.cls)`` (YOLO)."""
+    conf = getattr(t, "anchor_confidence", None)
+    return conf().detach() if callable(conf) else t.cls.detach().sigmoid().amax(-1)
 
 
 def _check_cls(s: Any, t: Any, method: str) -> None:
@@ -192,6 +250,9 @@ def sigmoid_kd_term(s: Any, t: Any, *, temperature: float = 1.0, box_targets: Te
     from detkd.losses.logits import sigmoid_kd_loss
 
     _check_cls(s, t, "sigmoid_kd")
+    if "softmax" in (getattr(s, "cls_activation", "sigmoid"), getattr(t, "cls_activation", "sigmoid")):
+        raise ConfigError("distill.logits.method=sigmoid_kd treats every class as its own sigmoid, but this head's "
+                          "classes are one softmax (cls_activation: softmax); use method kd")
     if avg_factor == "teacher_score":
         avg_factor = teacher_score(t).sum().clamp(min=1.0)
     return sigmoid_kd_loss(s.cls, t.cls, temperature=temperature, avg_factor=avg_factor, **options)

@@ -1,0 +1,326 @@
+"""`Distiller`: the façade that ties the parts together (see the package docstring in ``__init__.py``)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from detkd.config import DistillConfig, FeatureTapConfig, load_config
+from detkd.distiller import terms
+from detkd.distiller.adapters import align, make_tap, probe_channels
+from detkd.distiller.dense import DenseOutputs, default_head_extractor, float_outputs
+from detkd.distiller.taps import MODEL_OUTPUT, Taps
+from detkd.distiller.teacher import TeacherRunner
+from detkd.distiller.teacher_cache import TeacherCache
+from detkd.distiller.util import Transient, image_shape, no_autocast, normal
+from detkd.errors import ConfigError
+from detkd.losses.registry import BOX_METHODS, FEATURE_METHODS, LOGIT_METHODS
+
+__all__ = ["Distiller"]
+
+
+class Distiller(nn.Module):
+    """Distil a frozen ``teacher`` into ``student``::
+
+        kd = Distiller(student, teacher, "kd.yaml", example_inputs=images)   # + add kd.parameters() to the optimizer
+        with kd.record(): loss = student_loss(student(images), targets)
+        loss = loss + kd(images, gt_boxes=boxes, gt_valid=valid)["kd_total"]
+
+    Args:
+        student: the model being trained (not registered as a submodule; not modified).
+        teacher: the frozen teacher (not registered; set to eval mode and ``requires_grad=False``).
+        config: a :class:`~detkd.config.DistillConfig`, a dict, or a YAML path.
+        example_inputs: one batch (a tensor, or a tuple of positional arguments) used once to size the
+            adapters; required when feature taps are configured.
+        head: name of the student's dense-head module (None: the student model's own output).
+        teacher_head: name of the teacher's dense-head module (default: ``head``).
+        head_extractor: ``f(head output) -> DenseOutputs`` for the student (default
+            :func:`~detkd.distiller.dense.default_head_extractor`); picklable (a top-level function or object).
+        teacher_head_extractor: the same for the teacher (default: ``head_extractor``).
+
+    ``parameters()`` / ``state_dict()`` hold only ``adapters`` and ``feature_losses`` (MGD generators, FGD blocks);
+    ``kd.to(device)`` moves only those. Losses are float32 with autocast off. ``copy.deepcopy`` shares the frozen
+    teacher (and its cache) between copies; ``pickle`` includes the teacher (DDP workers need it). Neither carries
+    what a step recorded.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        config: DistillConfig | dict | str,
+        *,
+        example_inputs: Any = None,
+        head: str | None = None,
+        teacher_head: str | None = None,
+        head_extractor: Callable[[Any], DenseOutputs] | None = None,
+        teacher_head_extractor: Callable[[Any], DenseOutputs] | None = None,
+    ):
+        super().__init__()
+        self.cfg = load_config(config).require_module_names()
+        self.__dict__["_student"] = student  # a plain attribute: never a submodule
+        self.head = head
+        self.head_extractor = head_extractor or default_head_extractor
+        dense = self.cfg.logits is not None or self.cfg.boxes is not None
+        feats = self.cfg.features
+        self.student_taps = Taps([f.student for f in feats] + ([head or MODEL_OUTPUT] if dense else []), "student")
+        self.teacher_runner = TeacherRunner(teacher, self.cfg.teacher_runtime, [f.teacher for f in feats],
+                                            teacher_head if teacher_head is not None else head,
+                                            teacher_head_extractor or self.head_extractor, dense)
+        self.epoch: float = 0.0
+        self.total_epochs: float | None = None
+        self.last_terms: dict[str, Tensor] = Transient()
+        self.student_taps.check(student)  # fail early on bad names
+        self.teacher_runner.taps.check(teacher)
+        self.adapters = nn.ModuleDict()
+        self.feature_losses = nn.ModuleDict()
+        if feats:
+            if example_inputs is None:
+                raise ConfigError("feature distillation needs example_inputs= (one batch) to size the adapters")
+            self._build(example_inputs)
+
+    def _build(self, example_inputs: Any) -> None:
+        """Probe both models once (eval mode, no grad, the student's mode restored) and build each tap's modules."""
+        s, mode = self.student, self.student.training
+        s.eval()
+        try:
+            channels = probe_channels(s, self.teacher_runner, self.cfg.features, example_inputs)
+            for i, (tap, (sc, tc)) in enumerate(zip(self.cfg.features, channels)):
+                self.adapters[str(i)], self.feature_losses[str(i)] = make_tap(i, tap, sc, tc)
+            p = next(iter(s.parameters()), None)
+            if p is not None:
+                self.to(p.device)
+        finally:
+            s.train(mode)
+            self.teacher_runner.forwards = 0
+            self.reset_step()
+
+    # -- references that are not submodules; copies ---------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("student", "teacher"):  # through the properties: nn.Module would register a submodule
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    @property
+    def student(self) -> nn.Module:
+        return self.__dict__["_student"]
+
+    @student.setter
+    def student(self, value: nn.Module) -> None:
+        self.__dict__["_student"] = value
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self.teacher_runner.teacher
+
+    @teacher.setter
+    def teacher(self, value: nn.Module | None) -> None:
+        self.teacher_runner.set_teacher(value)
+
+    @property
+    def teacher_head(self) -> str | None:
+        return self.teacher_runner.head
+
+    @property
+    def teacher_head_extractor(self) -> Callable[[Any], DenseOutputs]:
+        return self.teacher_runner.extractor
+
+    @property
+    def teacher_cache(self) -> TeacherCache | None:
+        return self.teacher_runner.cache
+
+    @property
+    def teacher_forwards(self) -> int:
+        """How many times the teacher ran (not counting the construction probe)."""
+        return self.teacher_runner.forwards
+
+    @property
+    def cache_hits(self) -> int:
+        return self.teacher_runner.cache_hits
+
+    @property
+    def cache_misses(self) -> int:
+        return self.teacher_runner.cache_misses
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        self.teacher_runner.freeze()
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Distiller:
+        t = self.teacher
+        if t is not None:
+            memo.setdefault(id(t), t)  # the frozen teacher is shared, not copied
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
+
+    # -- progress -------------------------------------------------------------------------------------------------
+    def set_progress(self, epoch: float, total_epochs: float | None = None) -> None:
+        """Set the training progress used by the schedules (``epoch`` may be fractional)."""
+        self.epoch = float(epoch)
+        if total_epochs is not None:
+            self.total_epochs = float(total_epochs)
+
+    @property
+    def stopped(self) -> bool:
+        """True from ``config.stop_epoch`` on."""
+        return terms.stopped(self.cfg, self.epoch)
+
+    def multipliers(self) -> dict[str, float]:
+        """Current ``weight * schedule`` of each term: ``kd_cls``, ``kd_box``, ``kd_feat/<student tap>``."""
+        return terms.multipliers(self.cfg, self.epoch, self.total_epochs)
+
+    def temperature(self) -> float:
+        """The logit temperature now (``logits.temperature_schedule`` if set, else ``logits.temperature``)."""
+        return terms.temperature(self.cfg, self.epoch, self.total_epochs)
+
+    # -- one step: record the student, run the teacher, compute the terms ---------------------------------------
+    @contextlib.contextmanager
+    def record(self, model: nn.Module | None = None) -> Iterator[Distiller]:
+        """Record the student's tapped outputs during the forward passes inside this block.
+
+        ``model`` defaults to the student given at construction; pass the module actually run (an EMA copy, a
+        DDP-wrapped student: ``.module`` is unwrapped). The hooks are removed when the block exits.
+        """
+        with self.student_taps.recording(model if model is not None else self.student):
+            yield self
+
+    def teacher_forward(self, inputs: Any, keys: Any = None) -> Any:
+        """Run the frozen teacher on ``inputs`` (eval mode, no grad), recording its taps; returns its output.
+
+        Call it yourself to run the teacher at a chosen point (e.g. on other inputs); ``forward`` then uses what it
+        recorded instead of running the teacher again; :meth:`teacher_dense` gives its dense outputs. With
+        ``teacher_runtime.inference_mode`` (the default) the returned tensors are inference tensors: ``clone()``
+        them before any autograd use. If anything fails before ``forward``, call :meth:`reset_step`.
+
+        ``keys``: one id per sample (e.g. image file names), used when ``teacher_runtime.cache`` is on: cached
+        samples are not recomputed and the teacher runs only on the missing ones. Returns None when any sample
+        came from the cache. Valid only if a key's teacher input never changes (no random augmentation).
+        """
+        return self.teacher_runner.forward(inputs, keys)
+
+    def teacher_dense(self) -> DenseOutputs | None:
+        """This step's teacher :class:`DenseOutputs` (float32, detached) after :meth:`teacher_forward`, from the live
+        run or the cache; None when the cache served the step without dense outputs (no logit / box term)."""
+        return self.teacher_runner.dense()
+
+    def reset_step(self) -> None:
+        """Drop what this step recorded (student taps, teacher run). ``forward`` does it on its way out."""
+        self.student_taps.clear()
+        self.teacher_runner.clear()
+
+    def forward(
+        self,
+        inputs: Any = None,
+        *,
+        teacher_inputs: Any = None,
+        student_output: Any = None,
+        teacher_output: Any = None,
+        gt_boxes: Tensor | None = None,
+        gt_valid: Tensor | None = None,
+        img_shape: tuple[int, int] | None = None,
+        box_targets: Tensor | None = None,
+        epoch: float | None = None,
+        total_epochs: float | None = None,
+        teacher_keys: Any = None,
+    ) -> dict[str, Tensor]:
+        """The weighted distillation terms of this step.
+
+        Args:
+            inputs: the student's batch; the teacher runs on ``teacher_inputs`` (default ``inputs``) unless
+                ``teacher_forward`` already ran this step (or ``teacher_output`` is given and no feature tap
+                needs the teacher).
+            student_output / teacher_output: dense-head outputs, instead of the recorded ones.
+            gt_boxes: ``(N, M, 4)`` xyxy input pixels (or a list of ``(n_i, 4)``), with ``gt_valid (N, M)``;
+                needed by FGD. ``img_shape (H, W)`` defaults to the size of a 4-D ``inputs`` tensor.
+            box_targets: ``(N, A, 4)`` regression targets, for the ``bounded`` box method.
+            epoch, total_epochs: shortcut for :meth:`set_progress`.
+            teacher_keys: one id per sample for the teacher cache; see :meth:`teacher_forward`.
+
+        Returns:
+            ``{'kd_cls', 'kd_box', 'kd_feat'`` (the configured ones) ``, 'kd_total'}``, 0-dim float32 tensors.
+            ``self.last_terms`` holds the detached breakdown (``kd_cls``, ``kd_box``, ``kd_feat/<tap>``).
+        """
+        if epoch is not None:
+            self.set_progress(epoch, total_epochs)
+        try:
+            return self._terms(inputs, teacher_inputs, student_output, teacher_output, gt_boxes, gt_valid,
+                               img_shape, box_targets, teacher_keys)
+        finally:
+            self.reset_step()
+
+    def _terms(self, inputs, teacher_inputs, student_output, teacher_output, gt_boxes, gt_valid, img_shape,
+               box_targets, teacher_keys) -> dict[str, Tensor]:
+        cfg, mult, runner = self.cfg, self.multipliers(), self.teacher_runner
+        keys = terms.term_keys(cfg)
+        device = self._device()
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        self.last_terms = last = Transient()
+        if all(m == 0.0 for m in mult.values()):  # stop_epoch (or all weights 0): exact zeros, no teacher
+            last.update({k: zero.clone() for k in mult})
+            return {**{k: zero.clone() for k in keys}, "kd_total": zero.clone()}
+        if (cfg.features or (runner.wants_dense and teacher_output is None)) and not runner.ran:
+            src = teacher_inputs if teacher_inputs is not None else inputs
+            if src is None:
+                raise ConfigError("the Distiller needs the batch inputs to run the teacher: kd(images, ...)")
+            self.teacher_forward(src, keys=teacher_keys)
+        if img_shape is None:
+            img_shape = image_shape(inputs) or image_shape(teacher_inputs)
+        out: dict[str, Tensor] = {}
+        with no_autocast(device):
+            if runner.wants_dense:
+                s, t = self._student_dense(student_output), runner.dense(teacher_output)
+                if cfg.logits:
+                    out["kd_cls"] = terms.head_term("kd_cls", LOGIT_METHODS[cfg.logits.method], cfg.logits,
+                                                    self.temperature(), s, t, box_targets, mult["kd_cls"], zero)
+                if cfg.boxes:
+                    out["kd_box"] = terms.head_term("kd_box", BOX_METHODS[cfg.boxes.method], cfg.boxes,
+                                                    cfg.boxes.temperature, s, t, box_targets, mult["kd_box"], zero)
+                last.update({k: out[k].detach() for k in ("kd_cls", "kd_box") if k in out})
+            if cfg.features:
+                ctx = {"gt_boxes": gt_boxes, "gt_valid": gt_valid, "img_shape": img_shape}
+                out["kd_feat"] = zero
+                for i, (key, tap) in enumerate(zip(terms.feature_keys(cfg), cfg.features)):
+                    v = self._feature_term(i, tap, ctx, mult[key], zero)
+                    last[key] = v.detach()
+                    out["kd_feat"] = out["kd_feat"] + v
+        out["kd_total"] = sum((out[k] for k in keys), zero)
+        return out
+
+    def _device(self) -> torch.device:
+        for m in (self, self.student):
+            p = next(iter(m.parameters()), None) if m is not None else None
+            if p is not None:
+                return p.device
+        return torch.device("cpu")
+
+    def _student_dense(self, student_output: Any) -> DenseOutputs:
+        if student_output is None:
+            name = self.head or MODEL_OUTPUT
+            if not self.student_taps.has(name):
+                raise ConfigError("logit/box distillation found no student head output: run the student inside "
+                                  "kd.record(), or pass student_output=")
+            student_output = self.student_taps.output(name, self.head or "<model output>")
+        return float_outputs(self.head_extractor(student_output), detach=False)
+
+    def _feature_term(self, i: int, tap: FeatureTapConfig, ctx: dict, mult: float, zero: Tensor) -> Tensor:
+        if mult == 0.0:
+            return zero
+        if not self.student_taps.has(tap.student):
+            raise ConfigError(f"student tap '{tap.student}' recorded nothing: run the student inside kd.record()")
+        if FEATURE_METHODS[tap.method].needs_gt and (ctx["gt_boxes"] is None or ctx["img_shape"] is None):
+            raise ConfigError(
+                f"distill.features[{i}] ({tap.method} on '{tap.student}') needs the batch's ground-truth boxes: "
+                "pass gt_boxes= (N, M, 4) xyxy input pixels (or a list of (n_i, 4)), gt_valid= (N, M) and, unless "
+                "inputs is an (N, C, H, W) tensor, img_shape= (H, W)"
+            )
+        t = normal(self.teacher_runner.tap(tap.teacher).detach().float())
+        s = align(self.adapters[str(i)], self.student_taps.tensor(tap.student).float(), t)
+        return self.feature_losses[str(i)](s, t, **ctx).float().reshape(()) * mult
