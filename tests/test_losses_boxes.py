@@ -199,6 +199,18 @@ def test_ld_matches_reference_reductions(reduction, bin_reduction):
     _close(torch.autograd.grad(out, s, go)[0], torch.autograd.grad(ref, s, go)[0])
 
 
+@pytest.mark.parametrize("reduction,avg_factor", [("mean", None), ("sum", None), ("mean", 3.0)])
+@pytest.mark.parametrize("bin_reduction", ["mean", "sum"])
+def test_ld_unweighted_matches_reference(reduction, avg_factor, bin_reduction):
+    # without weights ld_loss takes a one-node path (the mmdet-style call LD benchmarks use)
+    s = _randn((2, 50, 4, REG_MAX + 1), 23)
+    t = _randn((2, 50, 4, REG_MAX + 1), 24)
+    out = ld_loss(s, t, 10.0, reduction=reduction, avg_factor=avg_factor, bin_reduction=bin_reduction)
+    ref = ref_ld(s, t, 10.0, reduction=reduction, avg_factor=avg_factor, bins=bin_reduction)
+    _close(out, ref)
+    _close(_grad(out, s), _grad(ref, s))
+
+
 def test_ld_properties():
     s = _randn((64, REG_MAX + 1), 16)
     t = _randn((64, REG_MAX + 1), 17)

@@ -303,3 +303,27 @@ def test_half_inputs_reduce_in_float32(fn, dtype):
     got.backward()
     assert s_half.grad is not None and s_half.grad.dtype == dtype
     assert math.isfinite(got.item())
+
+
+# ---------------------------------------------------------------- blocks, layouts, memory-lean nodes
+def test_pkd_and_at_blocks_and_channels_last_inputs(monkeypatch):
+    """One image per block (the CPU blocking) and channels-last inputs give the reference numbers."""
+    import detkd.losses.features as features
+
+    monkeypatch.setattr(features, "_BLOCK_BYTES", 1)
+    s, t = _pair((3, 8, 5, 7), seed=19)
+    for fn, ref in ((pkd_loss, ref_pkd_level), (at_loss, ref_at)):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = s.detach().contiguous(memory_format=layout).requires_grad_(True)
+            got = fn(x, t.contiguous(memory_format=layout))
+            _close(got, ref(s, t))
+            _close(_grad(got, x), _grad(ref(s, t), s))
+
+
+def test_cwd_and_pkd_backward_twice_with_retain_graph():
+    s, t = _pair((2, 8, 6, 6), seed=20)
+    for fn in (lambda a, b: cwd_loss(a, b, tau=4.0), pkd_loss, at_loss):
+        loss = fn(s, t)
+        (g1,) = torch.autograd.grad(loss, s, retain_graph=True)
+        (g2,) = torch.autograd.grad(loss, s)
+        _close(g1, g2, rtol=0.0, atol=0.0)

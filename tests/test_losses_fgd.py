@@ -307,8 +307,8 @@ def test_half_precision_input_computed_in_float32():
     assert torch.allclose(out, mod(s.bfloat16().float(), t.bfloat16().float(), boxes, IMG), rtol=1e-5)
 
 
-def test_workspace_reuse_two_forwards_then_one_backward():
-    """The cached CPU scratch tensor is shared by calls; results must not depend on call order."""
+def test_two_forwards_then_one_backward_and_nothing_kept_between_calls():
+    """Calls share no state: results do not depend on call order, and no tensor is kept in the module."""
     n = 2
     mod, ref = build_pair(16, 16, 9)
     torch.manual_seed(9)
@@ -316,22 +316,85 @@ def test_workspace_reuse_two_forwards_then_one_backward():
     t_a, t_b = torch.randn(n, 16, 20, 20, dtype=torch.float64), torch.randn(n, 16, 20, 20, dtype=torch.float64)
     boxes = make_boxes(n, 9, with_empty=False)
     (mod(s_a, t_a, boxes, IMG) + 3 * mod(s_b, t_b, boxes, IMG)).backward()
-    assert mod._work is not None and mod._work.shape == (n, 16, 400)
-
     r_a, r_b = (x.detach().clone().requires_grad_(True) for x in (s_a, s_b))
     (ref(r_a, t_a, boxes, [IMG] * n)[0] + 3 * ref(r_b, t_b, boxes, [IMG] * n)[0]).backward()
     rel_close(s_a.grad, r_a.grad, what="first call")
     rel_close(s_b.grad, r_b.grad, what="second call")
+    kept = [k for k, v in vars(mod).items() if torch.is_tensor(v)]
+    assert kept == [] and list(mod.buffers()) == []
+    assert all(not v.requires_grad for v in mod.last_parts.values())
 
-    # without the workspace: same numbers
-    mod.cache_workspace = False
-    mod._work = None
-    s_c = s_a.detach().clone().requires_grad_(True)
-    mod(s_c, t_a, boxes, IMG).backward()
-    assert mod._work is None
-    r_c = s_a.detach().clone().requires_grad_(True)
-    ref(r_c, t_a, boxes, [IMG] * n)[0].backward()
-    rel_close(s_c.grad, r_c.grad, what="no workspace")
+
+def test_blocks_and_worker_threads_give_the_same_numbers(monkeypatch):
+    """One image per block, two single-threaded workers == the whole batch in one block on one thread."""
+    import detkd.losses.fgd as fgd_module
+
+    n = 5
+    mod, ref = build_pair(24, 32, 12)
+    torch.manual_seed(12)
+    s = torch.randn(n, 24, 20, 20, dtype=torch.float64) * 2
+    t = torch.randn(n, 32, 20, 20, dtype=torch.float64)
+    boxes = make_boxes(n, 12)
+    threads = torch.get_num_threads()
+
+    def run():
+        for p in mod.parameters():
+            p.grad = None
+        x = s.clone().requires_grad_(True)
+        loss = mod(x, t, boxes, IMG)
+        assert torch.get_num_threads() == threads_now  # restored after the forward
+        loss.backward()
+        assert torch.get_num_threads() == threads_now  # and after the backward
+        return [loss.detach(), x.grad] + [p.grad.clone() for p in mod.parameters()]
+
+    try:
+        monkeypatch.setattr(fgd_module, "_BLOCK_BYTES", 1 << 40)
+        threads_now = 1
+        torch.set_num_threads(1)
+        whole = run()
+        monkeypatch.setattr(fgd_module, "_BLOCK_BYTES", 1)
+        threads_now = 2
+        torch.set_num_threads(2)
+        blocked = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(blocked, whole):
+        rel_close(a, b, tol=1e-10, floor=1e-12)
+    x = s.clone().requires_grad_(True)
+    ref_loss = ref(x, t, boxes, [IMG] * n)[0]
+    ref_loss.backward()
+    rel_close(whole[0], ref_loss)
+    rel_close(whole[1], x.grad)
+
+
+def test_mask_builder_many_boxes_in_several_bit_groups():
+    """More than 62 boxes per image (several int64 bit sets) still give the exact loop masks."""
+    g = torch.Generator().manual_seed(21)
+    boxes = []
+    for k in (130, 63, 0, 1):
+        xy = torch.rand(k, 2, generator=g) * 300
+        wh = 1 + torch.rand(k, 2, generator=g) * 120
+        boxes.append(torch.cat([xy, (xy + wh).clamp(max=320)], 1))
+    padded, valid = pad_boxes(boxes)
+    for hw in (40, 13):
+        fg, bg = fgd_masks(padded, valid, IMG, (hw, hw + 3))
+        lfg, lbg = loop_masks(boxes, [IMG] * len(boxes), hw, hw + 3, torch.float32)
+        assert torch.equal(fg, lfg) and torch.equal(bg, lbg)
+
+
+def test_retain_graph_backward_twice_and_inference_mode():
+    mod, _ = build_pair(16, 16, 13)
+    s = torch.randn(2, 16, 10, 10, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 16, 10, 10, dtype=torch.float64)
+    boxes = make_boxes(2, 13)
+    loss = mod(s, t, boxes, IMG)
+    loss.backward(retain_graph=True)
+    first = s.grad.clone()
+    loss.backward()
+    rel_close(s.grad, 2 * first, tol=1e-12)
+    with torch.inference_mode():
+        again = mod(s.detach(), t, boxes, IMG)
+    rel_close(again, loss.detach(), tol=1e-12)
 
 
 def test_no_grad_call_and_weighted_sum_of_parts():

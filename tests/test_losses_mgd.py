@@ -180,3 +180,113 @@ def test_mgd_autocast_reduces_in_float32():
     assert got.dtype == torch.float32
     want = m(s, t, mask=mask)
     _close(got, want, rtol=5e-2, atol=0.0)
+
+
+# ---------------------------------------------------------------- sparse generator convolution
+class _Spy:
+    """Counts calls of ``_MaskedConv3x3.apply`` (the kept-positions-only convolution)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def apply(self, *args):
+        self.calls += 1
+        return self.fn.apply(*args)
+
+
+def _sparse_dense(m, s, t, mask):
+    out = []
+    for sparse in (True, False):
+        m.sparse_conv = sparse
+        for p in [s, *m.parameters()]:
+            p.grad = None
+        loss = m(s, t, mask=mask)
+        loss.backward()
+        out.append([loss.detach()] + [p.grad.clone() for p in [s, *m.parameters()]])
+    return out
+
+
+@pytest.mark.parametrize("n,cs,ct,h,w", [(2, 16, 16, 12, 9), (3, 8, 12, 5, 7), (2, 4, 4, 1, 1), (1, 6, 6, 2, 3)])
+def test_sparse_generator_conv_equals_dense(monkeypatch, n, cs, ct, h, w):
+    """Kept positions only (borders, non-square maps, 1x1 maps, align conv): same loss and gradients."""
+    import detkd.losses.mgd as mgd_module
+
+    spy = _Spy(mgd_module._MaskedConv3x3)
+    monkeypatch.setattr(mgd_module, "_MaskedConv3x3", spy)
+    monkeypatch.setattr(mgd_module, "_SPARSE_MIN_POSITIONS", 0)
+    torch.manual_seed(3)
+    m = MGDLoss(cs, ct).double()
+    s, t = _feats(n, cs, ct, h, w, seed=4)
+    mask = _spatial_mask(n, h, w, seed=5)
+    sparse, dense = _sparse_dense(m, s, t, mask)
+    assert spy.calls == 1
+    for a, b in zip(sparse, dense):
+        _close(a, b, rtol=1e-10, atol=1e-14)
+    _close(sparse[0], ref_mgd(s, t, mask, *_params(m), alpha=m.alpha_mgd))
+
+
+def test_sparse_generator_conv_all_masked_and_random_masks(monkeypatch):
+    import detkd.losses.mgd as mgd_module
+
+    spy = _Spy(mgd_module._MaskedConv3x3)
+    monkeypatch.setattr(mgd_module, "_MaskedConv3x3", spy)
+    monkeypatch.setattr(mgd_module, "_SPARSE_MIN_POSITIONS", 0)
+    m = MGDLoss(8, 8).double()
+    s, t = _feats(2, 8, 8, 6, 6, seed=6)
+    sparse, dense = _sparse_dense(m, s, t, torch.zeros(2, 1, 6, 6, dtype=torch.float64))
+    for a, b in zip(sparse, dense):
+        _close(a, b, rtol=1e-10, atol=1e-14)
+    m.sparse_conv = True
+    g1 = m(s, t, generator=torch.Generator().manual_seed(9))
+    m.sparse_conv = False
+    g2 = m(s, t, generator=torch.Generator().manual_seed(9))
+    _close(g1, g2, rtol=1e-10)
+    assert spy.calls == 2
+
+
+@pytest.mark.parametrize("kind", ["soft", "channel", "mostly_kept", "float16", "disabled", "small_map"])
+def test_dense_generator_conv_where_the_sparse_one_does_not_apply(monkeypatch, kind):
+    import detkd.losses.mgd as mgd_module
+
+    spy = _Spy(mgd_module._MaskedConv3x3)
+    monkeypatch.setattr(mgd_module, "_MaskedConv3x3", spy)
+    m = MGDLoss(8, 8).double()
+    s, t = _feats(2, 8, 8, 6, 6, seed=7)
+    mask = _spatial_mask(2, 6, 6, seed=8)
+    if kind == "soft":
+        mask = mask * 0.5
+    elif kind == "channel":
+        mask = (torch.rand(2, 8, 1, 1, generator=torch.Generator().manual_seed(1)) > 0.5).double()
+    elif kind == "mostly_kept":
+        mask = torch.ones(2, 1, 6, 6, dtype=torch.float64)
+        mask[0, 0, 0, 0] = 0
+    elif kind == "disabled":
+        m.sparse_conv = False
+    if kind != "small_map":
+        monkeypatch.setattr(mgd_module, "_SPARSE_MIN_POSITIONS", 0)
+    if kind == "float16":
+        m = m.half()
+        m(s.detach().half(), t.detach().half(), mask=mask.half())
+    else:
+        _close(m(s, t, mask=mask), ref_mgd(s, t, mask, *_params(m), alpha=m.alpha_mgd))
+    assert spy.calls == 0
+
+
+def test_sparse_generator_conv_with_worker_threads_equals_dense(monkeypatch):
+    """With two torch threads the images go to two single-threaded workers: same numbers."""
+    import detkd.losses.mgd as mgd_module
+
+    monkeypatch.setattr(mgd_module, "_SPARSE_MIN_POSITIONS", 0)
+    threads = torch.get_num_threads()
+    torch.manual_seed(11)
+    m = MGDLoss(8, 12).double()
+    s, t = _feats(5, 8, 12, 7, 6, seed=12)
+    mask = _spatial_mask(5, 7, 6, seed=13)
+    try:
+        torch.set_num_threads(2)
+        sparse, dense = _sparse_dense(m, s, t, mask)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(sparse, dense):
+        _close(a, b, rtol=1e-10, atol=1e-14)

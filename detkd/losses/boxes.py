@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from detkd.losses._softmax_kl import softmax_kl_sum
+
 __all__ = ["giou", "ld_loss", "box_kd_loss", "bounded_regression_loss"]
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -165,6 +167,17 @@ def ld_loss(
         raise ValueError(f"ld_loss: temperature must be > 0, got {temperature!r}")
 
     s, t = _upcast(student_bins, teacher_bins.detach())
+    t2 = temperature * temperature
+    if weight is None and reduction != "none":
+        # One autograd node; the bin mean, T^2 and the row reduction are applied to the sum (a scalar).
+        total = softmax_kl_sum(s, t, temperature, dim=-1)
+        bins = s.shape[-1]
+        scale = t2 / bins if bin_reduction == "mean" else t2
+        if reduction == "sum":
+            return total * scale
+        if avg_factor is not None:
+            return total * scale / (avg_factor + _MMDET_AVG_EPS)
+        return total * scale / (s.numel() // bins if bins else 0)
     log_p_s = F.log_softmax(s / temperature, dim=-1)
     log_p_t = F.log_softmax(t / temperature, dim=-1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True)

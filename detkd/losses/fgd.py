@@ -15,9 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detkd.losses._blocks import one_thread_per_op as _one_thread_per_op
+from detkd.losses._blocks import run_blocks as _run_blocks
+
 __all__ = ["FGDLoss", "fgd_masks", "pad_boxes"]
 
 ImgShape = Union[Sequence[int], Tensor]
+_BOX_BITS = 62  # boxes per int64 bit set in fgd_masks
 
 
 def pad_boxes(boxes: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -74,7 +78,8 @@ def fgd_masks(
     operation order (divide, then multiply), so floor/ceil agree with it bit for bit. Boxes are first
     clamped to the image (``0 <= x <= W_img``, ``0 <= y <= H_img``); for boxes inside the image this
     changes nothing. (For boxes outside it, the reference's Python slicing with negative indices gives
-    meaningless masks.) Memory: one ``(N, M, h, w)`` temporary in ``dtype``.
+    meaningless masks.) Memory: ``(N, M, h + w)`` booleans and a few ``(N, h, w)`` tensors, never an
+    ``(N, M, h, w)`` one.
 
     Args:
         gt_boxes: ``(N, M, 4)`` ``xyxy`` boxes in input-image pixels.
@@ -118,13 +123,28 @@ def fgd_masks(
 
     rows = torch.arange(h, device=device)
     cols = torch.arange(w, device=device)
-    in_rows = (rows >= hmin[..., None]) & (rows <= hmax[..., None])  # (N, M, h)
+    in_rows = (rows >= hmin[..., None]) & (rows <= hmax[..., None]) & valid[..., None]  # (N, M, h)
     in_cols = (cols >= wmin[..., None]) & (cols <= wmax[..., None])  # (N, M, w)
-    row_val = in_rows.to(out_dtype) * area[..., None]  # (N, M, h)
-    if m == 0:
-        mask_fg = torch.zeros(n, h, w, dtype=out_dtype, device=device)
-    else:
-        mask_fg = (row_val[..., :, None] * in_cols[..., None, :].to(out_dtype)).amax(dim=1)  # (N, h, w)
+    mask_fg = torch.zeros(n, h, w, dtype=out_dtype, device=device)
+    if m > 0:
+        # Largest covering area per cell without an (N, M, h, w) temporary: boxes sorted by area (largest
+        # first) become bits of an integer; a cell's covering set is rowbits[i] & colbits[j] and its largest
+        # covering box is the lowest set bit. 62 boxes per group (int64), groups in the same order.
+        order = area.argsort(dim=1, descending=True, stable=True)
+        area_sorted = area.gather(1, order)
+        in_rows = in_rows.gather(1, order[..., None].expand(n, m, h))
+        in_cols = in_cols.gather(1, order[..., None].expand(n, m, w))
+        for g0 in range(0, m, _BOX_BITS):  # ceil(M / 62) groups, 1 for up to 62 boxes per image
+            g1 = min(m, g0 + _BOX_BITS)
+            bits = torch.ones((), dtype=torch.int64, device=device) << torch.arange(g1 - g0, device=device)
+            row_bits = (in_rows[:, g0:g1].long() * bits[:, None]).sum(dim=1)  # (N, h); distinct powers: sum == or
+            col_bits = (in_cols[:, g0:g1].long() * bits[:, None]).sum(dim=1)  # (N, w)
+            cover = row_bits[:, :, None] & col_bits[:, None, :]  # (N, h, w)
+            lowest = (cover & -cover).to(torch.float32)  # 2^k exactly (k <= 61), 0 where no box covers
+            first = (torch.frexp(lowest).exponent - 1).clamp(min=0).long()
+            val = area_sorted[:, g0:g1].gather(1, first.reshape(n, h * w)).reshape(n, h, w)
+            val = torch.where(cover != 0, val, torch.zeros((), dtype=out_dtype, device=device))
+            mask_fg = torch.maximum(mask_fg, val)
 
     mask_bg = (mask_fg <= 0).to(out_dtype)
     mask_bg = mask_bg / mask_bg.sum(dim=(1, 2), keepdim=True).clamp(min=1)
@@ -140,114 +160,242 @@ def _context_block(channels: int) -> nn.Sequential:
     )
 
 
-def _abs_sums(x: Tensor, work: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``x (N, C, HW)`` -> ``sum_c |x| (N, HW)``, ``sum_hw |x| (N, C)``; ``|x|`` goes into ``work`` if given.
+_BLOCK_BYTES = 8 << 20  # CPU: images per block so that a block of a feature is at most about this big
 
-    Both sums are batched row-vector x matrix products, which on CPU read memory faster than ``sum``.
-    (All batched matmuls here put the narrow ``(N, k, HW)`` operand first and the feature, or its
-    transpose, second: the other orientations are 3-6x slower on CPU.)
+
+def _image_blocks(x: Tensor) -> list[slice]:
+    """Slices of whole images tiling ``x (N, C, HW)``: as many as fit in ``_BLOCK_BYTES`` (at least one)
+    on CPU, the whole batch elsewhere."""
+    n = x.shape[0]
+    per_image = x[0].numel() * x.element_size() if n else 0
+    k = n if x.device.type != "cpu" or per_image == 0 else max(1, _BLOCK_BYTES // per_image)
+    return [slice(i, min(n, i + k)) for i in range(0, n, max(k, 1))]
+
+
+def _sq_diff(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """``out = (a - b)^2`` (one pass where the out= form of mse_loss exists)."""
+    try:
+        return torch._C._nn.mse_loss(a, b, 0, out=out)  # reduction 0 = "none"
+    except (AttributeError, RuntimeError, TypeError):  # pragma: no cover - other torch builds
+        torch.sub(a, b, out=out)
+        return out.square_()
+
+
+def _softmax_logits_grad(x: Tensor, p: Tensor, g_ctx: Tensor) -> Tensor:
+    """Gradient w.r.t. the logits of ``sum_hw x * softmax(logits)``: ``x (B, C, HW)``, ``p (B, HW)``,
+    ``g_ctx (B, C)`` -> ``(B, HW)``."""
+    g_p = torch.bmm(g_ctx.unsqueeze(1), x).reshape(p.shape)
+    return p * (g_p - (p * g_p).sum(dim=1, keepdim=True))
+
+
+def _fgd_stats(s, t, fg, bg, wm_s, bm_s, wm_t, bm_t, temp, workers):
+    """Every full-size computation of FGD's forward, student and teacher, in one sweep.
+
+    ``s, t (N, C, HW)`` contiguous, ``fg, bg (N, HW)`` the box masks, ``wm_* (C,)`` and ``bm_* (1,)`` or
+    None the ``conv_mask_s / conv_mask_t`` weights and biases. With ``A_s^X = HW softmax_hw(sum_c |X| / C
+    / temp)`` (spatial attention), returns the small tensors the loss is made of::
+
+        q[n, k, c]      = sum_hw (s - t)^2 * [A_s^T fg, A_s^T bg, 1][n, k, hw]     (N, 3, C)
+        mask_sp         = sum_{n,hw} |A_s^S - A_s^T|                             ()
+        ch_s, ch_t      = sum_hw |s|, sum_hw |t|                                 (N, C)
+        ctx_s[n, 0 / 1] = [sum_hw s * p_s, sum_hw s],  p_s = softmax_hw(wm_s . s + bm_s)   (N, 2, C)
+        ctx_t           = the same for t with wm_t, bm_t                         (N, 2, C)
+
+    and what the backward needs (``weights (N, 3, HW)``, ``p_s, p_t (N, HW)``, ``p_att (N, HW)`` the
+    student's spatial softmax, ``u = sgn(A_s^S - A_s^T)``).
+
+    Everything is per image, so on CPU the batch is processed in blocks of whole images (about 8 MiB of
+    a feature per block; :func:`_run_blocks`) with one block-sized scratch tensor per worker: each block
+    of ``s`` and ``t`` is read from memory once and the dozen reductions over it (batched matmuls, the
+    narrow operand first) reuse it from cache. No full-size temporary.
     """
-    n, c, hw = x.shape
-    a = torch.abs(x, out=work) if work is not None else x.abs()
-    sp = torch.bmm(a.new_ones(1, 1, c).expand(n, 1, c), a).reshape(n, hw)
-    ch = torch.bmm(a.new_ones(1, 1, hw).expand(n, 1, hw), a.transpose(1, 2)).reshape(n, c)
-    return sp, ch
+    n, c, hw = s.shape
+    new = s.new_empty
+    sp_s, ch_s, sp_t, ch_t = new(n, 1, hw), new(n, 1, c), new(n, 1, hw), new(n, 1, c)
+    weights, q = new(n, 3, hw), new(n, 3, c)
+    p_s, p_t, ctx_s, ctx_t = new(n, hw), new(n, hw), new(n, 2, c), new(n, 2, c)
+    one = s.new_ones(1, 1, 1)
+    wm_s3, wm_t3 = wm_s.reshape(1, 1, c), wm_t.reshape(1, 1, c)
+
+    def block(bi: slice, work: Tensor) -> None:
+        sb, tb = s[bi], t[bi]
+        b = sb.shape[0]
+        wk = work[:b]
+        ones_c, ones_hw = one.expand(b, 1, c), one.expand(b, 1, hw)
+        w = weights[bi]
+        w[:, 2] = 1
+        # one tensor after the other, the reads of it back to back (what is left of it in cache)
+        for x, sp, ch, wm, bm, p, cx in (
+            (tb, sp_t, ch_t, wm_t3, bm_t, p_t, ctx_t), (sb, sp_s, ch_s, wm_s3, bm_s, p_s, ctx_s)
+        ):
+            logits = torch.bmm(wm.expand(b, 1, c), x).reshape(b, hw)
+            if bm is not None:
+                logits = logits + bm
+            torch.softmax(logits, dim=1, out=p[bi])
+            torch.bmm(torch.stack([p[bi], w[:, 2]], dim=1), x.transpose(1, 2), out=cx[bi])
+            torch.abs(x, out=wk)
+            torch.bmm(ones_c, wk, out=sp[bi])
+            torch.bmm(ones_hw, wk.transpose(1, 2), out=ch[bi])
+        a_s_t = hw * F.softmax(sp_t[bi, 0] / c / temp, dim=1)
+        torch.mul(a_s_t, fg[bi], out=w[:, 0])
+        torch.mul(a_s_t, bg[bi], out=w[:, 1])
+        torch.bmm(w, _sq_diff(sb, tb, wk).transpose(1, 2), out=q[bi])
+
+    if n:
+        blocks = _image_blocks(s)
+        _run_blocks(blocks, block, (blocks[0].stop - blocks[0].start, c, hw), s, workers)
+    a_s_t = hw * F.softmax(sp_t.reshape(n, hw) / c / temp, dim=1)
+    p_att = F.softmax(sp_s.reshape(n, hw) / c / temp, dim=1)
+    diff = hw * p_att - a_s_t
+    mask_sp = diff.abs().sum()
+    u = torch.sgn(diff)  # d|x|/dx, 0 at 0 (as autograd)
+    stats = (q, mask_sp, ch_s.reshape(n, c), ctx_s, ctx_t, ch_t.reshape(n, c))
+    return stats, (weights, p_s, p_t, p_att, u)
 
 
-def _context_and_sum(x: Tensor, wm: Tensor, bm: Tensor | None) -> tuple[Tensor, Tensor]:
-    """GcBlock context and plain sum over positions, ``x (N, C, HW)`` -> ``(N, C)``, ``(N, C)``.
+def _fgd_grads(s, t, saved, wm_s, wm_t, has_bias, temp, needs, grads, workers):
+    """Backward of :func:`_fgd_stats`: gradients w.r.t. ``s``, ``wm_s``, ``bm_s``, ``wm_t``, ``bm_t``.
 
-    ``context[n] = sum_hw x[n, :, hw] * softmax_hw(wm . x[n, :, hw] + bm)`` (``conv_mask`` as a dot
-    product); both outputs come from one batched matmul. Autograd version, used for the teacher.
+    ``grads``: those of ``q, mask_sp, ch_s, ctx_s, ctx_t`` (None where unused); ``needs``: which of the
+    five results are wanted. The gradient w.r.t. ``s``,
+
+        2 (s - t) * (g_q^T @ W) + sgn(s) * (g_sp + g_ch) + g_ctx (x) p_s + g_sum (x) 1 + wm_s (x) g_logits
+
+    (``g_sp``: through the spatial attention, ``g_logits``: through the context softmax), is built block
+    by block in place in the one new full-size tensor, the gradient itself.
     """
-    n, c, hw = x.shape
-    logits = torch.bmm(wm.reshape(1, 1, c).expand(n, 1, c), x).reshape(n, hw)
-    if bm is not None:
-        logits = logits + bm
-    p = F.softmax(logits, dim=1)
-    out = torch.bmm(torch.stack([p, torch.ones_like(p)], dim=1), x.transpose(1, 2))  # (N, 2, C)
-    return out[:, 0], out[:, 1]
+    weights, p_s, p_t, p_att, u = saved
+    n, c, hw = s.shape
+    need_s, need_wm_s, need_bm_s, need_wm_t, need_bm_t = needs
+    zeros = s.new_zeros
+    g_q, g_mask_sp, g_ch, g_ctx_s, g_ctx_t = grads
+    g_q = zeros(n, 3, c) if g_q is None else g_q
+    g_mask_sp = zeros(()) if g_mask_sp is None else g_mask_sp
+    g_ch = zeros(n, c) if g_ch is None else g_ch
+    g_ctx_s = zeros(n, 2, c) if g_ctx_s is None else g_ctx_s
+    g_ctx_t = zeros(n, 2, c) if g_ctx_t is None else g_ctx_t
+    student_ctx = need_s or need_wm_s or need_bm_s
+    teacher_ctx = need_wm_t or need_bm_t
+    grad_s = grad_wm_s = grad_bm_s = grad_wm_t = grad_bm_t = None
+    gl_s = s.new_empty(n, hw) if student_ctx else None
+    gl_t = s.new_empty(n, hw) if teacher_ctx else None
+    gw_s = s.new_empty(n, 1, c) if need_wm_s else None
+    gw_t = s.new_empty(n, 1, c) if need_wm_t else None
+    if need_s:
+        grad_s = torch.empty_like(s)  # the one new full-size tensor
+        g_q2 = (2 * g_q).transpose(1, 2)  # (N, C, 3)
+        rank3_g = torch.stack([g_ctx_s[:, 0], g_ctx_s[:, 1], wm_s.expand(n, c)], dim=2)  # (N, C, 3)
+        # d mask_sp / d (sum_c |s|): through |.| and the softmax
+        g_sp = p_att * (u - (p_att * u).sum(dim=1, keepdim=True)) * (g_mask_sp * hw / (c * temp))
+        g_sp3, g_ch3 = g_sp.unsqueeze(1), g_ch.unsqueeze(2)
+
+    def block(bi: slice, work: Tensor) -> None:
+        sb, tb = s[bi], t[bi]
+        if student_ctx:
+            gl_s[bi] = _softmax_logits_grad(sb, p_s[bi], g_ctx_s[bi, 0])
+        if teacher_ctx:
+            gl_t[bi] = _softmax_logits_grad(tb, p_t[bi], g_ctx_t[bi, 0])
+        if need_wm_s:
+            torch.bmm(gl_s[bi].unsqueeze(1), sb.transpose(1, 2), out=gw_s[bi])
+        if need_wm_t:
+            torch.bmm(gl_t[bi].unsqueeze(1), tb.transpose(1, 2), out=gw_t[bi])
+        if need_s:
+            gb, wk = grad_s[bi], work[: sb.shape[0]]
+            torch.bmm(g_q2[bi], weights[bi], out=gb)
+            torch.sub(sb, tb, out=wk)
+            gb.mul_(wk)
+            torch.sgn(sb, out=wk)
+            gb.addcmul_(wk, g_sp3[bi])
+            gb.addcmul_(wk, g_ch3[bi])
+            rank3_w = torch.stack([p_s[bi], weights[bi, 2], gl_s[bi]], dim=1)  # (B, 3, HW)
+            gb.baddbmm_(rank3_g[bi], rank3_w)
+
+    if n and (student_ctx or teacher_ctx):
+        blocks = _image_blocks(s)
+        work_shape = (blocks[0].stop - blocks[0].start, c, hw) if need_s else (0,)
+        _run_blocks(blocks, block, work_shape, s, workers)
+    if need_wm_s:
+        grad_wm_s = gw_s.sum(dim=(0, 1))
+    if need_wm_t:
+        grad_wm_t = gw_t.sum(dim=(0, 1))
+    if has_bias[0] and need_bm_s:
+        grad_bm_s = gl_s.sum().reshape(1)
+    if has_bias[1] and need_bm_t:
+        grad_bm_t = gl_t.sum().reshape(1)
+    return grad_s, grad_wm_s, grad_bm_s, grad_wm_t, grad_bm_t
 
 
-class _StudentPass(torch.autograd.Function):
-    """Every full-size reduction of the student feature in one autograd node.
+def _context_add(ctx: Tensor, w1, b1, ln_w, ln_b, ln_eps, w2, b2) -> Tensor:
+    """A ``channel_add_conv`` block (1x1 conv, LayerNorm([C/2, 1, 1]), ReLU, 1x1 conv) applied to
+    ``ctx (N, C)`` as linear maps: the same numbers as ``block(ctx[..., None, None])``."""
+    y = F.linear(ctx, w1.flatten(1), b1)
+    y = F.layer_norm(y, (y.shape[1],), None if ln_w is None else ln_w.flatten(),
+                     None if ln_b is None else ln_b.flatten(), ln_eps)
+    return F.linear(F.relu(y), w2.flatten(1), b2)
 
-    Inputs: ``s, t (N, C, HW)`` (``t`` gets no gradient), ``weights (N, K, HW)`` (no gradient),
-    ``wm (C,)`` and ``bm (1,)`` or None: the student ``conv_mask`` weight and bias; ``work``: None or a
-    scratch tensor shaped like ``s`` (overwritten). Outputs::
 
-        q[n, k, c]    = sum_hw (s - t)^2 * weights[n, k, hw]                (N, K, C)
-        abs_sp[n, hw] = sum_c |s|,   abs_ch[n, c] = sum_hw |s|              (N, HW), (N, C)
-        ctx[n, c]     = sum_hw s * p[n, hw],  p = softmax_hw(wm . s + bm)   (N, C)
-        sum_s[n, c]   = sum_hw s                                            (N, C)
+def _fgd_loss_from_stats(stats, hw, temp, weights, eps_s, eps_t, add_s, add_t):
+    """FGD's loss and parts from :func:`_fgd_stats`' small tensors (autograd-friendly, all ``(N, C)``)."""
+    q, mask_sp, ch_s, ctx_s, ctx_t, ch_t = stats
+    n, c = ch_s.shape
+    alpha, beta, gamma, lam = weights
+    a_c_t = c * F.softmax(ch_t / hw / temp, dim=1)
+    a_c_s = c * F.softmax(ch_s / hw / temp, dim=1)
+    fg = (q[:, 0] * a_c_t).sum() / n
+    bg = (q[:, 1] * a_c_t).sum() / n
+    mask = (a_c_s - a_c_t).abs().sum() / n + mask_sp / n
+    a_s = _context_add(ctx_s[:, 0], *add_s[:4], eps_s, *add_s[4:])
+    a = a_s - _context_add(ctx_t[:, 0], *add_t[:4], eps_t, *add_t[4:])
+    # sum_hw (D + a)^2 = sum_hw D^2 + 2 a sum_hw D + HW a^2, per (n, c), D = S - T
+    rela = (q[:, 2] + 2 * a * (ctx_s[:, 1] - ctx_t[:, 1]) + hw * a * a).sum() / n
+    loss = alpha * fg + beta * bg + gamma * mask + lam * rela
+    return loss, (fg, bg, mask, rela)
 
-    The gradient w.r.t. ``s`` is assembled in place in one new tensor::
 
-        grad_s = 2 (s - t) * (g_q^T @ weights) + sgn(s) * (g_sp + g_ch)
-                 + g_ctx (x) p + g_sum (x) 1 + wm (x) g_logits
+class _FGDLossFn(torch.autograd.Function):
+    """FGD for one level as one autograd node: :func:`_fgd_stats`, then the loss from its small tensors.
 
-    With a scratch tensor, forward+backward allocates one full-size tensor (the gradient); autograd on
-    the plain expression allocates about a dozen, and on CPU a fresh full-size tensor costs several times
-    the arithmetic done in it (page faults). Not twice differentiable.
+    The small part (attention softmaxes, context blocks, weighted sums; ``(N, C)`` tensors) is recorded by
+    autograd inside the forward and differentiated inside the backward, so that the whole backward runs
+    under :func:`_one_thread_per_op` too (with two threads on a busy machine, each of the few dozen tiny
+    backward operations of that part was an OpenMP region costing ~7 ms). Not twice differentiable.
     """
 
     @staticmethod
-    def forward(
-        ctx, s: Tensor, t: Tensor, weights: Tensor, wm: Tensor, bm: Tensor | None, work: Tensor | None
-    ):
-        n, c, hw = s.shape
-        d2 = torch.sub(s, t, out=work) if work is not None else torch.sub(s, t)
-        d2.square_()
-        q = torch.bmm(weights, d2.transpose(1, 2))  # (N, K, C)
-        del d2
-        abs_sp, abs_ch = _abs_sums(s, work)
-        logits = torch.bmm(wm.reshape(1, 1, c).expand(n, 1, c), s).reshape(n, hw)
-        if bm is not None:
-            logits = logits + bm
-        p = F.softmax(logits, dim=1)
-        out = torch.bmm(torch.stack([p, torch.ones_like(p)], dim=1), s.transpose(1, 2))  # (N, 2, C)
-        ctx.save_for_backward(s, t, weights, wm, p)
-        ctx.has_bias = bm is not None
-        ctx.work = work
-        return q, abs_sp, abs_ch, out[:, 0], out[:, 1]
+    def forward(ctx, s, t, fg, bg, cfg, wm_s, bm_s, wm_t, bm_t, *add_params):
+        temp, weights, eps_s, eps_t, workers, build_graph = cfg
+        stats, saved = _fgd_stats(s, t, fg, bg, wm_s, bm_s, wm_t, bm_t, temp, workers)
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(build_graph) for x in stats[:5]]
+            params = [None if p is None else p.detach().requires_grad_(build_graph) for p in add_params]
+            loss, parts = _fgd_loss_from_stats(
+                (*leaves, stats[5]), s.shape[2], temp, weights, eps_s, eps_t, params[:6], params[6:]
+            )
+        ctx.graph = (loss, leaves, params) if build_graph else None
+        ctx.save_for_backward(s, t, wm_s, wm_t, *saved)
+        ctx.cfg = (temp, (bm_s is not None, bm_t is not None))
+        parts = tuple(x.detach() for x in parts)
+        ctx.mark_non_differentiable(*parts)
+        return (loss.detach(), *parts)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, g_q, g_sp, g_ch, g_ctx, g_sum):
-        s, t, weights, wm, p = ctx.saved_tensors
-        work = ctx.work
-        n, c, hw = s.shape
-        # context: d ctx / d p, then through the softmax to the conv_mask logits
-        g_p = torch.bmm(g_ctx.unsqueeze(1), s).reshape(n, hw)
-        g_logits = p * (g_p - (p * g_p).sum(dim=1, keepdim=True))
-        grad_wm = grad_bm = grad_s = None
-        if ctx.needs_input_grad[3]:
-            grad_wm = torch.bmm(g_logits.unsqueeze(1), s.transpose(1, 2)).sum(dim=0).reshape(c)
-        if ctx.has_bias and ctx.needs_input_grad[4]:
-            grad_bm = g_logits.sum().reshape(1)
-        if ctx.needs_input_grad[0]:
-            grad_s = torch.bmm(2 * g_q.transpose(1, 2), weights)  # the one new full-size tensor
-            buf = torch.sub(s, t, out=work) if work is not None else torch.sub(s, t)
-            grad_s.mul_(buf)
-            torch.sgn(s, out=buf)
-            grad_s.addcmul_(buf, g_sp.unsqueeze(1))
-            grad_s.addcmul_(buf, g_ch.unsqueeze(2))
-            del buf
-            rank3_g = torch.stack([g_ctx, g_sum, wm.expand(n, c)], dim=2)  # (N, C, 3)
-            rank3_w = torch.stack([p, torch.ones_like(p), g_logits], dim=1)  # (N, 3, HW)
-            grad_s.baddbmm_(rank3_g, rank3_w)
-        return grad_s, None, None, grad_wm, grad_bm, None
-
-
-def _context_add(block: nn.Sequential, ctx: Tensor) -> Tensor:
-    """``block`` (1x1 conv, LayerNorm([C/2, 1, 1]), ReLU, 1x1 conv) applied to ``ctx (N, C)`` as linear maps.
-
-    Same numbers as ``block(ctx[..., None, None])``, without the convolution machinery for 1 x 1 maps.
-    """
-    conv1, norm, _, conv2 = block
-    y = F.linear(ctx, conv1.weight.flatten(1), conv1.bias)
-    y = F.layer_norm(y, (y.shape[1],), norm.weight.flatten(), norm.bias.flatten(), norm.eps)
-    return F.linear(F.relu(y), conv2.weight.flatten(1), conv2.bias)
+    def backward(ctx, g_loss, *_g_parts):
+        if ctx.graph is None:
+            raise RuntimeError("FGDLoss: the forward ran without autograd, there is nothing to differentiate")
+        s, t, wm_s, wm_t, *saved = ctx.saved_tensors
+        temp, has_bias = ctx.cfg
+        loss, leaves, params = ctx.graph
+        need = ctx.needs_input_grad
+        with _one_thread_per_op(s.device) as workers:
+            wanted = [x for x in leaves] + [p for p in params if p is not None]
+            got = torch.autograd.grad(loss, wanted, g_loss, retain_graph=True, allow_unused=True)
+            g_stats, g_params = list(got[: len(leaves)]), iter(got[len(leaves):])
+            param_grads = [None if p is None else next(g_params) for p in params]
+            grads = _fgd_grads(s, t, saved, wm_s, wm_t, has_bias, temp,
+                               (need[0], need[5], need[6], need[7], need[8]), g_stats, workers)
+        grad_s, grad_wm_s, grad_bm_s, grad_wm_t, grad_bm_t = grads
+        return (grad_s, None, None, None, None, grad_wm_s, grad_bm_s, grad_wm_t, grad_bm_t, *param_grads)
 
 
 def _conv1x1(conv: nn.Conv2d, x: Tensor) -> Tensor:
@@ -284,13 +432,14 @@ class FGDLoss(nn.Module):
     fg / bg / relation MSEs; here ``D = S - T`` is squared once and reduced against the rows
     ``[A_s^T Mask_fg, A_s^T Mask_bg, 1]`` with one batched matmul, and the relation term uses
     ``sum_hw (D + a)^2 = sum_hw D^2 + 2 a sum_hw D + HW a^2`` (``a = add_s - add_t`` is per channel).
-    The student's full-size work (that pass, its attention sums, its GcBlock context) is one autograd
-    node whose backward builds the gradient in place in a single new tensor. On CPU a scratch tensor of
-    the feature's size is kept in the module between calls (``cache_workspace``, default True; set it to
-    False to free that memory), so a forward+backward allocates one full-size tensor instead of about a
-    dozen. The module is therefore not safe to run concurrently from several threads. Values equal the
-    reference's to rounding (float64 tests: 1e-5 relative, values and gradients). Not twice
-    differentiable.
+    The whole level is one autograd node (:class:`_FGDLossFn`): the full-size work (:func:`_fgd_stats`:
+    attention sums, that pass, both GcBlock contexts) runs image block by image block through a small
+    scratch tensor, and its backward builds the student gradient in place in the one new full-size
+    tensor. Nothing is kept in the module between calls (no workspace). On CPU with ``k > 1`` torch
+    threads, the blocks go to ``k`` single-threaded workers instead of per-operation OpenMP regions, so
+    a busy machine does not stall every operation (:func:`_one_thread_per_op`; the thread count is set to
+    1 during the call and restored). Values equal the reference's to rounding (float64 tests: 1e-5
+    relative, values and gradients). Not twice differentiable.
 
     Defaults are those of the reference ``FeatureLoss`` signature (``temp=0.5, alpha=1e-3,
     beta=5e-4, gamma=1e-3, lambda=5e-6``). The authors' configs differ from it:
@@ -345,8 +494,6 @@ class FGDLoss(nn.Module):
         self.channel_add_conv_s = _context_block(teacher_channels)
         self.channel_add_conv_t = _context_block(teacher_channels)
         self.last_parts: dict[str, Tensor] = {}
-        self.cache_workspace = True
-        self._work: Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -357,26 +504,6 @@ class FGDLoss(nn.Module):
         for block in (self.channel_add_conv_s, self.channel_add_conv_t):
             nn.init.zeros_(block[-1].weight)
             nn.init.zeros_(block[-1].bias)
-
-    def __getstate__(self):  # copies and pickles (EMA, DDP, checkpoints) never carry the scratch tensor
-        state = self.__dict__.copy()
-        state["_work"] = None
-        return state
-
-    def _workspace(self, like: Tensor) -> Tensor | None:
-        """Scratch tensor shaped like ``like``, kept between calls on CPU (None elsewhere)."""
-        if not self.cache_workspace or like.device.type != "cpu":
-            return None
-        work = self._work
-        if work is None or work.shape != like.shape or work.dtype != like.dtype:
-            self._work = work = torch.empty_like(like, memory_format=torch.contiguous_format)
-        return work
-
-    def _attention_from_sums(self, abs_sp: Tensor, abs_ch: Tensor, c: int, hw: int) -> tuple[Tensor, Tensor]:
-        """``sum_c |x| (N, HW)``, ``sum_hw |x| (N, C)`` -> spatial ``(N, HW)`` and channel ``(N, C)``."""
-        a_s = hw * F.softmax(abs_sp / c / self.temp, dim=1)
-        a_c = c * F.softmax(abs_ch / hw / self.temp, dim=1)
-        return a_s, a_c
 
     def forward(
         self,
@@ -396,9 +523,10 @@ class FGDLoss(nn.Module):
         if not torch.is_tensor(gt_boxes):
             gt_boxes, gt_valid = pad_boxes(gt_boxes)
         with torch.autocast(device_type=preds_S.device.type, enabled=False):
-            return self._forward(preds_S, preds_T, gt_boxes, img_shape, gt_valid, return_parts)
+            with _one_thread_per_op(preds_S.device) as workers:
+                return self._forward(preds_S, preds_T, gt_boxes, img_shape, gt_valid, return_parts, workers)
 
-    def _forward(self, preds_S, preds_T, gt_boxes, img_shape, gt_valid, return_parts):
+    def _forward(self, preds_S, preds_T, gt_boxes, img_shape, gt_valid, return_parts, workers=1):
         dtype = torch.promote_types(preds_S.dtype, torch.float32)
         s = preds_S.to(dtype)
         t = preds_T.detach().to(dtype)
@@ -408,32 +536,28 @@ class FGDLoss(nn.Module):
         if t.shape[:2] != (n, c):
             raise ValueError(f"FGDLoss: aligned student is {tuple(s.shape)}, teacher {tuple(t.shape)}")
         hw = h * w
-        s = s.reshape(n, c, hw)
-        t = t.reshape(n, c, hw)
-        work = self._workspace(s)
+        s = s.reshape(n, c, hw).contiguous()
+        t = t.reshape(n, c, hw).contiguous()
 
         with torch.no_grad():
-            a_s_t, a_c_t = self._attention_from_sums(*_abs_sums(t, work), c, hw)
             mask_fg, mask_bg = fgd_masks(gt_boxes.to(s.device), gt_valid, img_shape, (h, w), dtype=dtype)
-            # Rows: foreground weight, background weight, ones (for the relation term).
-            fg_w, bg_w = a_s_t * mask_fg.reshape(n, hw), a_s_t * mask_bg.reshape(n, hw)
-            weights = torch.stack([fg_w, bg_w, torch.ones_like(a_s_t)], dim=1)  # (N, 3, HW)
 
-        sq, abs_sp, abs_ch, ctx_s, sum_s = _StudentPass.apply(
-            s, t, weights, self.conv_mask_s.weight.reshape(c), self.conv_mask_s.bias, work
+        def cast(p):
+            return None if p is None else p.to(dtype)
+
+        add_params = []
+        for block in (self.channel_add_conv_s, self.channel_add_conv_t):
+            conv1, norm, _, conv2 = block
+            add_params += [cast(x) for x in (conv1.weight, conv1.bias, norm.weight, norm.bias)]
+            add_params += [cast(conv2.weight), cast(conv2.bias)]
+        cfg = (self.temp, (self.alpha_fgd, self.beta_fgd, self.gamma_fgd, self.lambda_fgd),
+               self.channel_add_conv_s[1].eps, self.channel_add_conv_t[1].eps, workers,
+               torch.is_grad_enabled() and not torch.is_inference_mode_enabled())
+        loss, fg, bg, mask, rela = _FGDLossFn.apply(
+            s, t, mask_fg.reshape(n, hw), mask_bg.reshape(n, hw), cfg,
+            cast(self.conv_mask_s.weight.reshape(c)), cast(self.conv_mask_s.bias),
+            cast(self.conv_mask_t.weight.reshape(c)), cast(self.conv_mask_t.bias), *add_params,
         )
-        a_s_s, a_c_s = self._attention_from_sums(abs_sp, abs_ch, c, hw)
-
-        fg = (sq[:, 0] * a_c_t).sum() / n
-        bg = (sq[:, 1] * a_c_t).sum() / n
-        mask = (a_c_s - a_c_t).abs().sum() / n + (a_s_s - a_s_t).abs().sum() / n
-
-        ctx_t, sum_t = _context_and_sum(t, self.conv_mask_t.weight.reshape(c), self.conv_mask_t.bias)
-        a = _context_add(self.channel_add_conv_s, ctx_s) - _context_add(self.channel_add_conv_t, ctx_t)
-        # sum_hw (D + a)^2 = sum_hw D^2 + 2 a sum_hw D + HW a^2, per (n, c)
-        rela = (sq[:, 2] + 2 * a * (sum_s - sum_t) + hw * a * a).sum() / n
-
-        loss = self.alpha_fgd * fg + self.beta_fgd * bg + self.gamma_fgd * mask + self.lambda_fgd * rela
-        parts = {"fg": fg.detach(), "bg": bg.detach(), "mask": mask.detach(), "rela": rela.detach()}
+        parts = {"fg": fg, "bg": bg, "mask": mask, "rela": rela}
         self.last_parts = parts
         return (loss, parts) if return_parts else loss

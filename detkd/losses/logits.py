@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from detkd.losses._softmax_kl import softmax_kl_sum
+
 __all__ = ["kd_loss", "sigmoid_kd_loss"]
 
 _KD_REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -97,23 +99,32 @@ def kd_loss(
     _check_temperature("kd_loss", temperature)
 
     s, t = _upcast_pair(student_logits, teacher_logits.detach())
-    log_p_s = F.log_softmax(s / temperature, dim=1)
-    log_p_t = F.log_softmax(t / temperature, dim=1)
-    loss = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True) * (temperature * temperature)
-
+    t2 = temperature * temperature
     if weight is not None:
         expected = s.shape[:1] + s.shape[2:]
         if weight.shape != expected:
             raise ValueError(f"kd_loss: weight must have shape {tuple(expected)}, got {tuple(weight.shape)}")
-        loss = loss * weight.to(loss.dtype).unsqueeze(1)
+    if weight is None and reduction != "none":
+        # One autograd node; T^2 and the normalisation are applied to the sum (a scalar).
+        total = softmax_kl_sum(s, t, temperature, dim=1)
+        if reduction == "batchmean":
+            return total * t2 / s.shape[0]
+        if reduction == "mean":
+            return total * t2 / s.numel()
+        return total * t2
 
+    log_p_s = F.log_softmax(s / temperature, dim=1)
+    log_p_t = F.log_softmax(t / temperature, dim=1)
+    loss = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True)
+    if weight is not None:
+        loss = loss * weight.to(loss.dtype).unsqueeze(1)
     if reduction == "batchmean":
-        return loss.sum() / s.shape[0]
+        return loss.sum() * t2 / s.shape[0]
     if reduction == "sum":
-        return loss.sum()
+        return loss.sum() * t2
     if reduction == "mean":
-        return loss.mean()
-    return loss
+        return loss.sum() * t2 / loss.numel()
+    return loss * t2
 
 
 def sigmoid_kd_loss(
