@@ -1,4 +1,5 @@
-"""Ready distillation recipes for Ultralytics YOLO (plain data: no imports, safe to use anywhere).
+"""Ready distillation recipes for Ultralytics YOLO and torchvision detectors (plain data: no imports, safe to use
+anywhere).
 
 A recipe says which terms, methods and method options a run turns on; it holds no number that is a key's default
 (weights, temperatures, the feature method and weight of ``features: auto``): those live once, in
@@ -16,3 +17,16 @@ DEFAULT_RECIPE: dict = {
     "boxes": {"method": "ld"},
     "features": "auto",
 }
+
+#: ``detkd train`` with ``framework: torchvision`` and no ``distill:`` block, for sigmoid heads (RetinaNet, FCOS):
+#: logits per class normalised by the teacher's score mass, decoded boxes (GIoU, teacher-confidence weighted, aligned
+#: by anchor), and the FPN maps (``features: auto``: the levels of equal size in both models).
+TORCHVISION_RECIPE: dict = {
+    "logits": {"method": "sigmoid_kd", "options": {"avg_factor": "teacher_score"}},
+    "boxes": {"method": "l1_giou"},
+    "features": "auto",
+}
+#: The same for softmax heads with a background column (SSD / SSDlite per anchor, Faster R-CNN per RoI); the KL is
+#: averaged over anchors / RoIs (``reduction: mean``) like those heads' own losses, not summed over them per image.
+TORCHVISION_SOFTMAX_RECIPE: dict = {"logits": {"method": "kd", "options": {"reduction": "mean"}},
+                                    "boxes": {"method": "l1_giou"}, "features": "auto"}
