@@ -10,7 +10,8 @@ import argparse
 import sys
 
 VERBS = {
-    "train": "distil a teacher into a student (Ultralytics YOLO): detkd train CONFIG.yaml [key=value ...]",
+    "train": "distil a teacher into a student (Ultralytics YOLO, or torchvision with framework: torchvision): "
+             "detkd train CONFIG.yaml [key=value ...]",
     "sweep": "search distillation knobs with short pruned trials (Optuna): detkd sweep CONFIG.yaml --space K=V1,V2 ...",
     "eval": "COCO / VOC mAP of a model (.pt or .onnx) on a dataset",
     "report": "before/after report (Markdown, HTML, JSON) for teacher, baseline and distilled student",
@@ -26,7 +27,7 @@ VERBS = {
 NEEDS = {
     ("torch", "torch"): "all",
     ("torchvision", "torchvision"): "all",
-    ("ultralytics", "ultralytics"): "train, eval, bench, demo, sweep, pseudo-label",
+    ("ultralytics", "ultralytics"): "train (YOLO), eval, bench, demo, sweep, pseudo-label",
     ("pycocotools", "pycocotools"): "eval, demo, report",
     ("cv2", "opencv-python"): "data, eval, bench, demo, pseudo-label",
     ("albumentations", "albumentations"): "train, demo, sweep (Ultralytics' blur / gray / CLAHE, p=0.01; optional)",
@@ -87,7 +88,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_train_config(args.config, args.overrides)
     save_dir = train(cfg)
-    print(f"detkd train: done. Weights: {save_dir / 'weights' / 'best.pt'} (a plain Ultralytics model)")
+    if cfg.get("framework") != "torchvision":  # the torchvision loop says where its weights are itself
+        print(f"detkd train: done. Weights: {save_dir / 'weights' / 'best.pt'} (a plain Ultralytics model)")
     return 0
 
 

@@ -19,6 +19,9 @@ A documented example is ``configs/distill_example.yaml``; in short::
       teacher_runtime:          # how the frozen teacher runs; see TeacherRuntimeConfig
         {inference_mode: true, channels_last: false, fuse: false, half: auto, cache: false}
       unlabeled: null           # {source: PATH, ratio: 0.5, pseudo_conf: 0.5}; UnlabeledConfig (Ultralytics only)
+      mode: offline             # offline | online (OnlineConfig: teacher trained alongside) | self (SelfDistillConfig)
+      online: null              # mode online: {warmup_epochs: 1, mutual_weight: 1.0}
+      self_distill: null        # mode self: {warmup_epochs: 1}
 
 Each term's contribution is ``weight * schedule(epoch, total_epochs) * loss``; ``schedule`` is a
 :class:`detkd.schedules.Schedule` mapping (``{kind: cosine, start: 1, end: 0.01, warmup_epochs: 0,
@@ -58,7 +61,7 @@ from detkd.schedules import KINDS, Schedule
 
 __all__ = ["ADAPTERS", "AUTO", "ScheduleConfig", "LogitConfig", "BoxConfig", "FeatureTapConfig", "TeacherRuntimeConfig",
            "UnlabeledConfig", "DistillConfig", "load_config", "unlabeled_images",
-           "resolve_unlabeled_source"]
+           "resolve_unlabeled_source", "MODES", "OnlineConfig", "SelfDistillConfig"]
 
 ADAPTERS = ("auto", "conv", "conv_bn", "none")
 """``auto``: 1x1 conv + BN only where channels differ (and the method does not align them itself);
@@ -188,6 +191,47 @@ class UnlabeledConfig:
     def images(self) -> list[Path]:
         """The image files of ``source`` (see :func:`unlabeled_images`)."""
         return unlabeled_images(self.source)
+
+
+MODES = ("offline", "online", "self")
+"""``distill.mode``: ``offline`` (default): a pre-trained teacher, frozen. ``online``: teacher and student train
+together from the same batches (:class:`OnlineConfig`). ``self``: no other model: a no-grad pass of the student at
+twice the resolution teaches its normal pass (:class:`SelfDistillConfig`)."""
+
+
+@dataclass
+class OnlineConfig:
+    """Online / mutual distillation (``distill.online``, with ``mode: online``).
+
+    The teacher (``teacher:`` a model yaml to train from scratch, or a ``.pt`` to go on training) is trained with the
+    student on every batch: its own detection loss, its parameters in the same optimizer. The configured terms
+    (logits, boxes, features) distil it into the student; ``mutual_weight`` > 0 adds the mirror of the logit and box
+    terms, student -> teacher (Deep Mutual Learning), as ``kd_mutual``.
+
+    Attributes:
+        warmup_epochs: every distillation term is exactly 0 before this epoch (an untrained teacher teaches noise);
+            the teacher trains from the first step. Default 1.
+        mutual_weight: multiplier on the teacher <- student mirror of the logit and box terms (same methods,
+            weights and schedules); 0: one-way online distillation. Default 1.0 (symmetric, as Deep Mutual Learning).
+    """
+
+    warmup_epochs: float = 1.0
+    mutual_weight: float = 1.0
+
+
+@dataclass
+class SelfDistillConfig:
+    """Self-distillation (``distill.self_distill``, with ``mode: self``): no teacher model. Each step the student
+    also runs, without gradient, on the batch upsampled 2x; level l + 1 of that pass sees the same grid (stride 2s on
+    a 2x image = stride s) and the same object sizes as level l of the normal pass, so it teaches it: P4 -> P3 and
+    P5 -> P4 (logits and DFL boxes anchor for anchor, features through 1x1 adapters). The coarsest level has no teacher.
+
+    Attributes:
+        warmup_epochs: every distillation term is exactly 0 (and the 2x pass does not run) before this epoch.
+            Default 1.
+    """
+
+    warmup_epochs: float = 1.0
 
 
 def _source_list(source: str | Path | list) -> list[Path]:
@@ -477,6 +521,39 @@ def _unlabeled(d: Any, where: str, src: str) -> UnlabeledConfig | None:
     return u
 
 
+def _mode_block(d: Any, klass, where: str, src: str):
+    """``distill.online`` / ``distill.self_distill``: a mapping (``null`` / ``true``: every default)."""
+    if isinstance(d, klass):
+        d = dataclasses.asdict(d)
+    d = _check_keys({} if d is None or d is True else d, klass, where, src)
+    out = klass()
+    for f in dataclasses.fields(klass):
+        if f.name in d:
+            setattr(out, f.name, _num(d[f.name], f"{where}.{f.name}", src))
+    return out
+
+
+def _check_mode(out: DistillConfig, src: str) -> None:
+    """What ``online`` / ``self`` cannot do, refused in one line each."""
+    mode = out.mode
+    what = "the teacher is trained with the student" if mode == "online" else "the teacher is the student itself"
+    rt = out.teacher_runtime
+    for key, on in (("cache", rt.cache_enabled), ("fuse", rt.fuse), ("channels_last", rt.channels_last),
+                    ("half", rt.half is True)):
+        if on:
+            raise ConfigError(f"{src}distill.teacher_runtime.{key}: not with mode: {mode} ({what}, so its outputs "
+                              "change every step and its weights must stay as they train); remove it")
+    if out.stop_when_gap_stalls is not None:
+        raise ConfigError(f"{src}distill.stop_when_gap_stalls: not with mode: {mode} (it compares the student with a "
+                          "fixed, pre-trained teacher's val mAP); remove it, or use mode: offline")
+    if out.unlabeled is not None:
+        raise ConfigError(f"{src}distill.unlabeled: not with mode: {mode} (unlabeled frames need a pre-trained "
+                          "teacher's soft labels); remove it, or use mode: offline")
+    if mode == "self" and out.boxes is not None and out.boxes.method == "bounded":
+        raise ConfigError(f"{src}distill.boxes.method=bounded: not with mode: self (its regression targets are the "
+                          "normal pass's own anchors, not the 2x pass's); use ld or l1_giou")
+
+
 def _tap(d: Any, where: str, src: str) -> FeatureTapConfig:
     from detkd.losses.registry import FEATURE_METHODS
 
@@ -520,6 +597,9 @@ class DistillConfig:
     teacher_runtime: TeacherRuntimeConfig = field(default_factory=TeacherRuntimeConfig)
     stop_when_gap_stalls: GapStallConfig | None = None  # see detkd.gap; used by the Ultralytics integration
     unlabeled: UnlabeledConfig | None = None  # soft-label KD on unlabeled frames; used by the Ultralytics integration
+    mode: str = "offline"  # offline | online | self; see MODES
+    online: OnlineConfig | None = None  # set (defaults filled in) when mode is online
+    self_distill: SelfDistillConfig | None = None  # set (defaults filled in) when mode is self
 
     @classmethod
     def from_dict(cls, d: dict | None, source: str | None = None) -> DistillConfig:
@@ -554,7 +634,27 @@ class DistillConfig:
             raise ConfigError(f"{src}distill.boxes.method=bounded needs regression targets from ground truth, which "
                               "unlabeled frames (distill.unlabeled) do not have; use ld or l1_giou (teacher-score "
                               "weighted, no ground truth)")
+        out.mode = _choice(d.get("mode", out.mode), MODES, "distill.mode", src, "mode")
+        for key, klass, mode in (("online", OnlineConfig, "online"), ("self_distill", SelfDistillConfig, "self")):
+            if out.mode == mode:
+                setattr(out, key, _mode_block(d.get(key), klass, f"distill.{key}", src))
+            elif d.get(key) not in (None, False):
+                raise ConfigError(f"{src}distill.{key}: set, but distill.mode is {out.mode}; add mode: {mode} (or "
+                                  f"remove distill.{key})")
+        if out.mode != "offline":
+            _check_mode(out, src)
         return out._mark_checked()
+
+    @property
+    def kd_start_epoch(self) -> float:
+        """Before this epoch every term is 0: ``online.warmup_epochs`` / ``self_distill.warmup_epochs``, else 0."""
+        block = self.online if self.mode == "online" else self.self_distill if self.mode == "self" else None
+        return float(block.warmup_epochs) if block is not None else 0.0
+
+    @property
+    def mutual_weight(self) -> float:
+        """``online.mutual_weight`` in mode online, else 0 (no teacher <- student terms)."""
+        return float(self.online.mutual_weight) if self.mode == "online" and self.online is not None else 0.0
 
     def _mark_checked(self) -> DistillConfig:
         self._checked = True  # not a field: from_dict made it, load_config need not parse it again

@@ -1,6 +1,9 @@
 """`detkd train CONFIG.yaml [key=value ...]`: checks everything, then runs Ultralytics' trainer with detkd.
 
-A config names ``teacher`` (.pt), ``student`` (.yaml or .pt), ``data`` (an Ultralytics data yaml, a COCO folder or
+``framework: torchvision`` configs go to :mod:`detkd.integrations.torchvision_train` instead (its own loop; see there).
+
+A config names ``teacher`` (.pt; with ``distill.mode: online`` also a model yaml trained alongside, with
+``distill.mode: self`` none), ``student`` (.yaml or .pt), ``data`` (an Ultralytics data yaml, a COCO folder or
 ``{train: a.json, val: b.json}``, or a VOC root: converted and cached by `detkd.data.resolve`), a
 ``distill:`` block (see ``configs/``; without one, :data:`detkd.integrations.recipes.DEFAULT_RECIPE`), optional
 ``threads`` (torch CPU threads), and any Ultralytics train argument (``epochs``, ``imgsz``, ``batch``, ``device``,
@@ -30,7 +33,7 @@ from detkd.errors import ConfigError, DataError
 from detkd.integrations.recipes import DEFAULT_RECIPE
 from detkd.integrations.ultralytics_env import ensure_ultralytics_offline
 
-DETKD_KEYS = {"teacher", "student", "distill", "threads"}
+DETKD_KEYS = {"teacher", "student", "distill", "threads", "framework"}
 
 
 def _parse_value(v: str) -> Any:
@@ -67,7 +70,12 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> d
     if not isinstance(cfg, dict):
         raise ConfigError(f"{p}: expected a mapping of keys at the top level")
     if cfg.get("distill") is None:  # the recipe is the block: overrides change it rather than replace it
-        cfg["distill"] = copy.deepcopy(DEFAULT_RECIPE)
+        if cfg.get("framework") == "torchvision":
+            from detkd.integrations.torchvision_train import default_recipe
+
+            cfg["distill"] = default_recipe(cfg)
+        else:
+            cfg["distill"] = copy.deepcopy(DEFAULT_RECIPE)
     apply_overrides(cfg, overrides or [])
     base = p.parent.resolve()
     for k in ("teacher", "student", "data"):  # paths relative to the config file, when that file exists
@@ -97,9 +105,11 @@ def _check_keys(cfg: dict, source: str) -> None:
             close = difflib.get_close_matches(k, sorted(valid), n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{source}: unknown key '{k}'{hint}")
-    for k in ("teacher", "student", "data"):
+    self_mode = isinstance(cfg.get("distill"), dict) and cfg["distill"].get("mode") == "self"  # no teacher
+    for k in ("student", "data") if self_mode else ("teacher", "student", "data"):
         if not cfg.get(k):
-            raise ConfigError(f"{source}: missing key '{k}'")
+            hint = " (a teacher .pt; distill.mode: online takes a model yaml, distill.mode: self none)" * (k == "teacher")
+            raise ConfigError(f"{source}: missing key '{k}'{hint}")
     if cfg.get("distill_model"):
         raise ConfigError(f"{source}: 'distill_model' is set by detkd from 'teacher' and 'distill'; remove it")
 
@@ -167,15 +177,18 @@ def prepare(cfg: dict) -> tuple[str, dict, Any]:
     source = cfg.get("_source", "config")
     _check_keys(cfg, source)
     _check_numbers(cfg, source)
+    from detkd.config import DistillConfig
     from detkd.integrations import ultralytics as ul
 
-    teacher_path = Path(cfg["teacher"])
-    teacher = ul.load_teacher(teacher_path)
+    raw = cfg.get("distill")
+    distill = DistillConfig.from_dict(copy.deepcopy(DEFAULT_RECIPE) if raw is None else raw, source=source)
+    teacher_path = ul.check_teacher_spec(cfg.get("teacher"), distill.mode)  # distill.mode online / self: see there
+    teacher = ul.load_teacher(teacher_path) if teacher_path and not teacher_path.endswith((".yaml", ".yml")) else None
     from detkd.data.resolve import as_ultralytics_data
 
     data_yaml = as_ultralytics_data(cfg["data"])  # a COCO / VOC source: validated, converted, cached
     data = check_data_yaml(data_yaml)
-    t_nc = ul.detect_layer(teacher).nc
+    t_nc = ul.detect_layer(teacher).nc if teacher is not None else data["_nc"]
     if t_nc != data["_nc"]:
         raise ConfigError(
             f"teacher {teacher_path} predicts {t_nc} classes but data {cfg['data']} has {data['_nc']}; "
@@ -193,15 +206,13 @@ def prepare(cfg: dict) -> tuple[str, dict, Any]:
         from detkd.checkpoints import check_checkpoint
 
         check_checkpoint(cfg["resume"], "resume")
-    from detkd.config import DistillConfig
-
-    raw = cfg.get("distill")
-    distill = DistillConfig.from_dict(copy.deepcopy(DEFAULT_RECIPE) if raw is None else raw, source=source)
     if distill.unlabeled is not None and cfg.get("rect"):
         raise ConfigError(f"{source}: distill.unlabeled does not work with rect=True (rectangular batches are "
                           "ordered by image shape, mixed batches by the labeled/unlabeled plan): drop rect")
     args = {k: v for k, v in cfg.items() if k not in DETKD_KEYS and not k.startswith("_")}
-    args["distill_model"] = {"teacher": str(teacher_path.resolve()), "distill": distill}
+    if teacher_path is not None and Path(teacher_path).is_file():
+        teacher_path = str(Path(teacher_path).resolve())
+    args["distill_model"] = {"teacher": teacher_path, "distill": distill}
     args["data"] = str(data_yaml)
     return student, args, distill
 
@@ -241,7 +252,16 @@ def train(cfg: dict, callbacks: dict | None = None) -> Path:
 
     ``callbacks``: optional ``{event: fn}`` Ultralytics callbacks added to the run (``detkd sweep`` uses
     ``on_train_epoch_end`` / ``on_fit_epoch_end`` to report each epoch's val mAP to its pruner).
+    ``framework: torchvision`` runs :func:`detkd.integrations.torchvision_train.train` instead (its own callbacks).
     """
+    framework = cfg.get("framework", "ultralytics")
+    if framework == "torchvision":
+        from detkd.integrations.torchvision_train import train as train_torchvision
+
+        return train_torchvision(cfg, callbacks)
+    if framework != "ultralytics":
+        raise ConfigError(f"{cfg.get('_source', 'config')}: framework: ultralytics (default) or torchvision, got "
+                          f"{framework!r}")
     student, args, _ = prepare(cfg)
     resolve_resume(args, cfg.get("_source", "config"))
     if cfg.get("threads"):

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from detkd.config import DistillConfig, FeatureTapConfig, load_config
 from detkd.distiller import terms
 from detkd.distiller.adapters import align, make_tap, probe_channels
-from detkd.distiller.dense import DenseOutputs, default_head_extractor, float_outputs
+from detkd.distiller.dense import DenseOutputs, default_head_extractor, float_outputs, float_tree
 from detkd.distiller.taps import MODEL_OUTPUT, Taps
 from detkd.distiller.teacher import TeacherRunner
 from detkd.distiller.teacher_cache import TeacherCache
@@ -46,6 +46,20 @@ class Distiller(nn.Module):
     ``kd.to(device)`` moves only those. Losses are float32 with autocast off. ``copy.deepcopy`` shares the frozen
     teacher (and its cache) between copies; ``pickle`` includes the teacher (DDP workers need it). Neither carries
     what a step recorded.
+
+    ``config.mode`` (see :data:`detkd.config.MODES`):
+
+    * ``online``: ``teacher`` is trained alongside (never frozen; its parameters are yours to put in the optimizer,
+      its mode yours to set). Call ``out = kd.teacher_forward(images)`` each step (with gradients) and add the
+      teacher's own detection loss on ``out``; ``kd(...)`` then reuses that run, detaches what the student <- teacher
+      terms take from it and adds ``kd_mutual`` (the teacher <- student mirror of the logit / box terms, gradients
+      into the teacher only) when ``online.mutual_weight`` > 0.
+    * ``self``: ``teacher`` may be None: the student teaches itself, the teacher pass being the student without
+      gradients on the inputs upsampled 2x (:data:`detkd.distiller.teacher.SELF_SCALE`); taps and the teacher head
+      extractor say which of that pass's levels teach which of the normal pass's (the Ultralytics integration: level
+      l + 1 teaches level l).
+
+    In both, every term is 0 before ``online`` / ``self_distill`` ``warmup_epochs``.
     """
 
     def __init__(
@@ -62,6 +76,13 @@ class Distiller(nn.Module):
     ):
         super().__init__()
         self.cfg = load_config(config).require_module_names()
+        self.mode = self.cfg.mode
+        if self.mode == "self":
+            if teacher is not None and teacher is not student:
+                raise ConfigError("distill.mode: self: the student is its own teacher; pass teacher=None")
+            teacher = student
+        elif teacher is None:
+            raise ConfigError(f"distill.mode: {self.mode} needs a teacher model")
         self.__dict__["_student"] = student  # a plain attribute: never a submodule
         self.head = head
         self.head_extractor = head_extractor or default_head_extractor
@@ -70,7 +91,7 @@ class Distiller(nn.Module):
         self.student_taps = Taps([f.student for f in feats] + ([head or MODEL_OUTPUT] if dense else []), "student")
         self.teacher_runner = TeacherRunner(teacher, self.cfg.teacher_runtime, [f.teacher for f in feats],
                                             teacher_head if teacher_head is not None else head,
-                                            teacher_head_extractor or self.head_extractor, dense)
+                                            teacher_head_extractor or self.head_extractor, dense, self.mode)
         self.epoch: float = 0.0
         self.total_epochs: float | None = None
         self.last_terms: dict[str, Tensor] = Transient()
@@ -86,7 +107,11 @@ class Distiller(nn.Module):
     def _build(self, example_inputs: Any) -> None:
         """Probe both models once (eval mode, no grad, the student's mode restored) and build each tap's modules."""
         s, mode = self.student, self.student.training
+        t = self.teacher
+        t_mode = t.training if t is not None and self.mode == "online" else None
         s.eval()
+        if t_mode is not None:
+            t.eval()  # a probe batch must not move a trained teacher's BatchNorm statistics
         try:
             channels = probe_channels(s, self.teacher_runner, self.cfg.features, example_inputs)
             for i, (tap, (sc, tc)) in enumerate(zip(self.cfg.features, channels)):
@@ -96,6 +121,8 @@ class Distiller(nn.Module):
                 self.to(p.device)
         finally:
             s.train(mode)
+            if t_mode is not None:
+                t.train(t_mode)
             self.teacher_runner.forwards = 0
             self.reset_step()
 
@@ -154,8 +181,8 @@ class Distiller(nn.Module):
 
     def __deepcopy__(self, memo: dict) -> Distiller:
         t = self.teacher
-        if t is not None:
-            memo.setdefault(id(t), t)  # the frozen teacher is shared, not copied
+        if t is not None and self.mode == "offline":
+            memo.setdefault(id(t), t)  # the frozen teacher is shared, not copied (a trained one is copied)
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
@@ -283,7 +310,9 @@ class Distiller(nn.Module):
                 if cfg.boxes:
                     out["kd_box"] = terms.head_term("kd_box", BOX_METHODS[cfg.boxes.method], cfg.boxes,
                                                     cfg.boxes.temperature, s, t, box_targets, mult["kd_box"], zero)
-                last.update({k: out[k].detach() for k in ("kd_cls", "kd_box") if k in out})
+                if "kd_mutual" in mult:
+                    out["kd_mutual"] = self._mutual(s, teacher_output, box_targets, mult, zero)
+                last.update({k: out[k].detach() for k in ("kd_cls", "kd_box", "kd_mutual") if k in out})
             if cfg.features:
                 ctx = {"gt_boxes": gt_boxes, "gt_valid": gt_valid, "img_shape": img_shape}
                 out["kd_feat"] = zero
@@ -293,6 +322,26 @@ class Distiller(nn.Module):
                     out["kd_feat"] = out["kd_feat"] + v
         out["kd_total"] = sum((out[k] for k in keys), zero)
         return out
+
+    def _mutual(self, s: DenseOutputs, teacher_output: Any, box_targets: Tensor | None, mult: dict[str, float],
+                zero: Tensor) -> Tensor:
+        """``mode: online``: the logit and box terms mirrored (teacher <- student; the student's outputs detached,
+        gradients into the teacher only), each with its own multiplier times ``online.mutual_weight``."""
+        cfg, m = self.cfg, mult["kd_mutual"]
+        if m == 0.0:
+            return zero
+        runner = self.teacher_runner
+        t = (float_outputs(runner.extractor(float_tree(teacher_output)), detach=False) if teacher_output is not None
+             else runner.live_dense())
+        s = float_outputs(s, detach=True)
+        v = zero
+        if cfg.logits:
+            v = v + terms.head_term("kd_cls", LOGIT_METHODS[cfg.logits.method], cfg.logits, self.temperature(), t, s,
+                                    box_targets, mult["kd_cls"] * m, zero)
+        if cfg.boxes:
+            v = v + terms.head_term("kd_box", BOX_METHODS[cfg.boxes.method], cfg.boxes, cfg.boxes.temperature, t, s,
+                                    box_targets, mult["kd_box"] * m, zero)
+        return v
 
     def _device(self) -> torch.device:
         for m in (self, self.student):

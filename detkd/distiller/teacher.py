@@ -6,6 +6,12 @@ per-sample :class:`~detkd.distiller.teacher_cache.TeacherCache` and the counters
 ``cache_misses``. After :meth:`forward` it serves this step's teacher tensors: :meth:`tap` (feature maps) and
 :meth:`dense` (the head's :class:`~detkd.distiller.dense.DenseOutputs`), from the live run or from the cache alike.
 :meth:`clear` drops them (the Distiller calls it after every step).
+
+``mode`` (``distill.mode``): ``offline`` is all of the above. ``online``: the teacher is trained by its owner (not
+frozen, its mode left alone, run with gradients so its owner can back-propagate its own detection loss through
+the output :meth:`forward` returns; the losses detach what they take from it). ``self``: the teacher is the student
+itself, run without gradients on the inputs upsampled by :data:`SELF_SCALE`, BatchNorm on batch statistics without
+updating its running statistics. Neither applies ``teacher_runtime`` (config validation refuses its options there).
 """
 
 from __future__ import annotations
@@ -25,7 +31,40 @@ from detkd.distiller.teacher_cache import TeacherCache, fingerprint, fingerprint
 from detkd.distiller.util import call
 from detkd.errors import ConfigError
 
-__all__ = ["TeacherRunner"]
+__all__ = ["SELF_SCALE", "TeacherRunner", "frozen_norm_stats", "upsample"]
+
+SELF_SCALE = 2
+"""``mode: self``: the teacher pass sees the inputs at this many times their size. 2 makes level ``l + 1`` of that
+pass (stride ``2 s`` on a 2x image) fall on the grid of level ``l`` of the normal pass, objects at the same size in
+its stride units (scale-equivalent, as in Guo et al., "Scale-Equivalent Distillation", CVPR 2022)."""
+
+
+def upsample(inputs: Any, scale: float = SELF_SCALE) -> Any:
+    """4-D floating-point input tensors (or the first of a tuple / list) resized bilinearly by ``scale``."""
+    def f(x: Any) -> Any:
+        if isinstance(x, Tensor) and x.is_floating_point() and x.dim() == 4:
+            return torch.nn.functional.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False)
+        return x
+
+    if isinstance(inputs, (tuple, list)) and inputs:
+        return type(inputs)([f(inputs[0]), *inputs[1:]])
+    return f(inputs)
+
+
+@contextlib.contextmanager
+def frozen_norm_stats(model: nn.Module):
+    """Inside: BatchNorm layers in training mode normalise with the batch's statistics but leave their running
+    statistics (and counters) as they are (``track_running_stats`` off for the duration)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    mods = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    for m in mods:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.track_running_stats = True
 
 
 class _Run:
@@ -69,11 +108,13 @@ class TeacherRunner:
         head: the teacher's head module name (None: the model output is the head output).
         extractor: ``f(head output) -> DenseOutputs``.
         dense: whether logit / box terms need the head's outputs (recorded and cached).
+        mode: ``offline`` (frozen teacher), ``online`` (trained by its owner) or ``self`` (the student at 2x).
     """
 
     def __init__(self, teacher: nn.Module | None, runtime: TeacherRuntimeConfig, feature_taps: list[str],
-                 head: str | None, extractor: Callable[[Any], DenseOutputs], dense: bool):
+                 head: str | None, extractor: Callable[[Any], DenseOutputs], dense: bool, mode: str = "offline"):
         self.runtime = runtime
+        self.mode = mode
         self.feature_taps = list(dict.fromkeys(feature_taps))
         self.head, self.extractor, self.wants_dense = head, extractor, dense
         self.taps = Taps(self.feature_taps + ([head] if dense and head else []), "teacher")
@@ -97,15 +138,16 @@ class TeacherRunner:
 
     def _new_cache(self) -> TeacherCache | None:
         rt = self.runtime
-        if not rt.cache_enabled:
+        if not rt.cache_enabled or self.mode != "offline":
             return None
         return TeacherCache(rt.cache, rt.cache_max_items, rt.cache_max_bytes, rt.cache_offload)
 
     def freeze(self) -> None:
         """Eval mode and no gradients, whatever ``train()`` was called on (the Distiller calls this on every
-        ``train()`` / ``eval()``)."""
+        ``train()`` / ``eval()``). Only a frozen (``offline``) teacher: an online one trains, a ``self`` one is the
+        student."""
         t = self.teacher
-        if t is not None:
+        if t is not None and self.mode == "offline":
             t.eval()
             for p in t.parameters():
                 p.requires_grad_(False)
@@ -122,6 +164,8 @@ class TeacherRunner:
         return self._cached(t, inputs, keys)
 
     def _run(self, t: nn.Module, inputs: Any) -> Any:
+        if self.mode != "offline":
+            return self._run_live(t, inputs)
         rt = self.runtime
         dtype = self._prepare(t, inputs)
         x = _cast_inputs(inputs, dtype, rt.channels_last)
@@ -133,6 +177,27 @@ class TeacherRunner:
         self.run.result, self.run.ran = out, True
         self.forwards += 1
         return out
+
+    def _run_live(self, t: nn.Module, inputs: Any) -> Any:
+        """``online``: the teacher as its owner left it (its train / eval mode, gradients as the caller allows).
+        ``self``: the student on the upsampled inputs, no gradients, BatchNorm running statistics untouched."""
+        self.run = _Run()
+        if self.mode == "self":
+            with torch.no_grad(), frozen_norm_stats(t), self.taps.recording(t):
+                out = call(t, upsample(inputs))
+        else:
+            with self.taps.recording(t):
+                out = call(t, inputs)
+        self.run.result, self.run.ran = out, True
+        self.forwards += 1
+        return out
+
+    def live_dense(self) -> DenseOutputs:
+        """``online``: this step's teacher :class:`DenseOutputs` in float32 *with* gradients (for the mutual,
+        teacher <- student terms)."""
+        if not self.run.ran or self.run.cached:
+            raise ConfigError("no live teacher run this step: call teacher_forward first")
+        return float_outputs(self.extractor(float_tree(self.head_output())), detach=False)
 
     def _prepare(self, t: nn.Module, inputs: Any) -> torch.dtype | None:
         """Apply fuse / half / channels_last to the teacher (each only when not yet done); returns the

@@ -2,7 +2,9 @@
 computed (an exact zero), and when every multiplier is 0 the Distiller skips the teacher too.
 
 Keys: ``kd_cls`` (logits), ``kd_box`` (boxes), ``kd_feat/<student tap>`` per feature tap (``#i`` appended to a
-repeated tap), summed into ``kd_feat``; ``kd_total`` is the sum of the configured terms.
+repeated tap), summed into ``kd_feat``; ``kd_mutual`` (``mode: online`` with ``online.mutual_weight`` > 0: the
+teacher <- student mirror of the logit and box terms); ``kd_total`` is the sum of the configured terms.
+Before ``cfg.kd_start_epoch`` (``online`` / ``self_distill`` ``warmup_epochs``) every multiplier is 0.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ __all__ = ["feature_keys", "head_term", "multipliers", "stopped", "temperature",
 
 def term_keys(cfg: DistillConfig) -> list[str]:
     """The configured terms, in the order they are reported."""
-    return [k for k, on in (("kd_cls", cfg.logits), ("kd_box", cfg.boxes), ("kd_feat", cfg.features)) if on]
+    mutual = cfg.mutual_weight > 0 and bool(cfg.logits or cfg.boxes)
+    return [k for k, on in (("kd_cls", cfg.logits), ("kd_box", cfg.boxes), ("kd_feat", cfg.features),
+                            ("kd_mutual", mutual)) if on]
 
 
 def feature_keys(cfg: DistillConfig) -> list[str]:
@@ -38,7 +42,7 @@ def stopped(cfg: DistillConfig, epoch: float) -> bool:
 
 
 def _mult(cfg: DistillConfig, sched: Schedule | None, weight: float, epoch: float, total: float | None) -> float:
-    if stopped(cfg, epoch):
+    if stopped(cfg, epoch) or epoch < cfg.kd_start_epoch:
         return 0.0
     return float(weight) * (sched(epoch, total) if sched is not None else 1.0)
 
@@ -52,6 +56,8 @@ def multipliers(cfg: DistillConfig, epoch: float, total: float | None) -> dict[s
         out["kd_box"] = _mult(cfg, cfg.boxes.schedule, cfg.boxes.weight, epoch, total)
     for key, tap in zip(feature_keys(cfg), cfg.features):
         out[key] = _mult(cfg, tap.schedule, tap.weight, epoch, total)
+    if "kd_mutual" in term_keys(cfg):  # a factor on the mirrored kd_cls / kd_box multipliers
+        out["kd_mutual"] = _mult(cfg, None, cfg.mutual_weight, epoch, total)
     return out
 
 

@@ -37,6 +37,13 @@ Unlabeled frames (``detkd/integrations/ultralytics_unlabeled.py``): with ``disti
 train loader mixes unlabeled images into every batch (``batch['unlabeled']``); ``loss()`` gives Ultralytics' detection
 loss of the labeled frames only and the distillation terms of all frames (FGD gets teacher boxes on unlabeled ones).
 
+Online and self-distillation (``distill.mode``): ``online`` builds the teacher from ``teacher:`` (a model yaml, fresh
+weights, or a ``.pt``), registers it in the wrapper (so it is in the optimizer), adds its own detection loss
+(``t_det``) and the teacher <- student mirror of the logit / box terms (``kd_mutual``); its state goes to
+``last.kd.pt`` (resume) and, at the end, to ``weights/online_teacher.pt``. ``self`` has no teacher: the student at 2x
+resolution, without gradient, teaches its normal pass one pyramid level down (:class:`UltralyticsHead` ``levels`` /
+``scale``). Neither has a teacher-student gap monitor.
+
 Checkpoints (``last.pt``, ``best.pt``) hold the plain student ``DetectionModel`` only: they load with plain
 Ultralytics (``yolo predict``, ``yolo export``) where detkd is not installed. The distillation state needed to
 resume (adapter weights, their EMA) goes to ``weights/last.kd.pt`` beside them. Both are written atomically.
@@ -67,6 +74,8 @@ from ultralytics.utils.torch_utils import ModelEMA, unwrap_model  # noqa: E402
 from detkd.checkpoints import check_checkpoint  # noqa: E402
 from detkd.config import DistillConfig, load_config, resolve_unlabeled_source  # noqa: E402
 from detkd.distiller import DenseOutputs, Distiller  # noqa: E402
+from detkd.distiller.teacher import SELF_SCALE  # noqa: E402
+from detkd.distiller.terms import term_keys  # noqa: E402
 from detkd.errors import ConfigError, DetkdError  # noqa: E402
 from detkd.integrations.recipes import DEFAULT_RECIPE  # noqa: E402
 from detkd.integrations.ultralytics_unlabeled import labeled_loss, pseudo_boxes  # noqa: E402
@@ -84,9 +93,12 @@ __all__ = [
     "detect_layer",
     "yolo_gt_boxes",
     "check_teacher_cache",
+    "check_teacher_spec",
+    "build_online_teacher",
 ]
 
-KD_TERMS = ("kd_cls", "kd_box", "kd_feat")
+KD_TERMS = ("kd_cls", "kd_box", "kd_feat", "kd_mutual")
+TEACHER_ITEM = "t_det"  # mode online: the teacher's own detection loss (sum of its box / cls / dfl items)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,6 +142,55 @@ def load_teacher(path: str | Path) -> DetectionModel:
     model.float().eval()
     for q in model.parameters():
         q.requires_grad_(False)
+    return model
+
+
+def check_teacher_spec(teacher: Any, mode: str) -> str | None:
+    """The ``teacher:`` value for ``distill.mode``, checked: ``offline``: an existing ``.pt``; ``online``: a ``.pt``
+    (goes on training) or a detection model yaml (``yolov8n.yaml``: Ultralytics' own names resolve; trained from
+    scratch); ``self``: none. Returns it as a string (None for ``self``); one ConfigError otherwise."""
+    given = teacher not in (None, "", False)
+    if mode == "self":
+        if given:
+            raise ConfigError(f"teacher: {teacher}: distill.mode is self (the student teaches itself); remove teacher")
+        return None
+    if not given:
+        hint = " or a model yaml such as yolov8n.yaml (trained alongside)" if mode == "online" else ""
+        raise ConfigError(f"teacher: missing; give a teacher .pt{hint}")
+    t = str(teacher)
+    if mode == "online" and t.endswith((".yaml", ".yml")):
+        from ultralytics.nn.tasks import guess_model_task, yaml_model_load
+
+        try:
+            task = guess_model_task(yaml_model_load(t))
+        except Exception as e:  # missing file, bad YAML, no 'head'
+            raise ConfigError(f"teacher: {t} is not a readable Ultralytics model yaml ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())[:300]})") from None
+        if task != "detect":
+            raise ConfigError(f"teacher: {t} is a {task} model yaml; mode online trains a detection teacher")
+        return str(Path(t).resolve()) if Path(t).is_file() else t
+    if not Path(t).is_file():
+        hint = (" (mode online also takes a model yaml, e.g. yolov8n.yaml)" if mode == "online" else
+                ". Train a teacher first, or use distill.mode: online (teacher trained alongside, e.g. "
+                "teacher: yolov8n.yaml) or self (no teacher)")
+        raise ConfigError(f"teacher: file not found: {t}{hint}")
+    return t
+
+
+def build_online_teacher(teacher: str, nc: int, names: Any, ch: int = 3) -> DetectionModel:
+    """``mode: online``: a trainable detection teacher from a model yaml (fresh weights, ``nc`` classes) or a
+    ``.pt`` (its weights; its classes must match), in train mode with gradients on."""
+    if str(teacher).endswith((".yaml", ".yml")):
+        model = DetectionModel(str(teacher), nc=nc, ch=ch, verbose=False)
+    else:
+        model = load_teacher(teacher)
+        if detect_layer(model).nc != nc:
+            raise ConfigError(f"teacher: {teacher} predicts {detect_layer(model).nc} classes but the data has {nc}; "
+                              "give a model yaml to train it from scratch on this data")
+    model.names = names if isinstance(names, dict) else dict(enumerate(names))
+    model.float().train()
+    for q in model.parameters():
+        q.requires_grad_(True)
     return model
 
 
@@ -325,12 +386,19 @@ class UltralyticsHead:
     Detect in training mode returns ``{'boxes': (N, 4R, A), 'scores': (N, K, A), 'feats': [P3, P4, P5]}``
     (YOLO26: that dict under 'one2many' and 'one2one'); in eval mode ``(decoded, raw)``. ``box_dist`` is the
     (N, A, 4, R) DFL logits when R > 1; ``boxes`` are decoded xyxy in input pixels.
+
+    ``levels=(a, b)`` keeps the anchors of detection levels ``a .. b-1`` only; ``boxes`` are divided by ``scale`` (the
+    input's size relative to the normal pass). ``distill.mode: self`` uses both: the student's levels (0, L-1) and
+    the 2x pass's levels (1, L) at scale 2, so anchor i of one is anchor i of the other.
     """
 
-    def __init__(self, stride: list[float], reg_max: int, branch: str = "one2many"):
+    def __init__(self, stride: list[float], reg_max: int, branch: str = "one2many",
+                 levels: tuple[int, int] | None = None, scale: float = 1.0):
         self.stride = torch.tensor([float(s) for s in stride])
         self.reg_max = int(reg_max)
         self.branch = branch
+        self.levels = tuple(levels) if levels is not None else None
+        self.scale = float(scale)
 
     def __call__(self, out: Any) -> DenseOutputs:
         if isinstance(out, (tuple, list)):
@@ -350,6 +418,14 @@ class UltralyticsHead:
             ltrb = raw.view(n, 4, a).transpose(1, 2)
         lt, rb = ltrb.chunk(2, -1)
         boxes = torch.cat((anchors - lt, anchors + rb), -1) * strides
+        levels, scale = getattr(self, "levels", None), getattr(self, "scale", 1.0)  # older pickles have neither
+        if scale != 1.0:
+            boxes = boxes / scale
+        if levels is not None:
+            sizes = [f.shape[-2] * f.shape[-1] for f in out["feats"]]
+            a0, a1 = sum(sizes[:levels[0]]), sum(sizes[:levels[1]])
+            cls, boxes = cls[:, a0:a1], boxes[:, a0:a1]
+            dist = dist[:, a0:a1] if dist is not None else None
         return DenseOutputs(cls=cls, box_dist=dist, boxes=boxes)
 
 
@@ -383,8 +459,9 @@ def yolo_gt_boxes(batch: dict, img_shape: tuple[int, int]) -> tuple[torch.Tensor
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_kd_settings(source: Any) -> tuple[Path, DistillConfig]:
-    """Resolve Ultralytics' ``distill_model`` value to ``(teacher_path, checked DistillConfig)``.
+def load_kd_settings(source: Any) -> tuple[Path | None, DistillConfig]:
+    """Resolve Ultralytics' ``distill_model`` value to ``(teacher_path, checked DistillConfig)``; ``teacher_path`` is
+    None with ``distill.mode: self`` (and may name a model yaml with ``mode: online``; see :func:`check_teacher_spec`).
 
     ``source`` is a teacher ``.pt`` (the default recipe, :data:`~detkd.integrations.recipes.DEFAULT_RECIPE`), a detkd
     YAML with ``teacher`` and an optional ``distill`` block (other keys, e.g. the Ultralytics settings of a ``detkd
@@ -395,7 +472,9 @@ def load_kd_settings(source: Any) -> tuple[Path, DistillConfig]:
         if "teacher" not in source:
             raise ConfigError("distill_model: a mapping needs 'teacher' (path to the teacher .pt) and 'distill'")
         distill = source.get("distill")
-        return Path(str(source["teacher"])), load_config(copy.deepcopy(DEFAULT_RECIPE) if distill is None else distill)
+        cfg = load_config(copy.deepcopy(DEFAULT_RECIPE) if distill is None else distill)
+        t = source["teacher"]
+        return (None if t in (None, "") else Path(str(t))), cfg
     p = Path(str(source))
     if p.suffix.lower() == ".pt":
         return p, load_config(copy.deepcopy(DEFAULT_RECIPE))
@@ -405,12 +484,13 @@ def load_kd_settings(source: Any) -> tuple[Path, DistillConfig]:
         data = YAML.load(p) or {}
     except Exception as e:
         raise ConfigError(f"{p}: not valid YAML ({e})") from e
-    if "teacher" not in data:
-        raise ConfigError(f"{p}: missing key 'teacher' (path to the teacher .pt)")
-    teacher = Path(str(data["teacher"]))
-    if not teacher.is_absolute():
-        teacher = (p.parent / teacher) if (p.parent / teacher).exists() else teacher
     distill = data.get("distill")
+    self_mode = isinstance(distill, dict) and distill.get("mode") == "self"
+    if "teacher" not in data and not self_mode:
+        raise ConfigError(f"{p}: missing key 'teacher' (path to the teacher .pt)")
+    teacher = None if data.get("teacher") in (None, "") else Path(str(data["teacher"]))
+    if teacher is not None and not teacher.is_absolute():
+        teacher = (p.parent / teacher) if (p.parent / teacher).exists() else teacher
     if isinstance(distill, dict) and distill.get("unlabeled"):
         distill = {**distill, "unlabeled": resolve_unlabeled_source(distill["unlabeled"], p.parent)}
     distill = copy.deepcopy(DEFAULT_RECIPE) if distill is None else distill
@@ -420,7 +500,7 @@ def load_kd_settings(source: Any) -> tuple[Path, DistillConfig]:
 SETTINGS_FILE = "distill.yaml"
 
 
-def write_settings(run_dir: str | Path, teacher: Path, cfg: DistillConfig) -> Path:
+def write_settings(run_dir: str | Path, teacher: Path | None, cfg: DistillConfig) -> Path:
     """Write ``<run_dir>/distill.yaml`` (atomically): the teacher (absolute) and the parsed ``distill:`` block with
     every default written out and unlabeled sources absolute. ``distill_model`` points here, so ``args.yaml``, checkpoints and
     ``resume`` find the settings in the run folder itself."""
@@ -429,9 +509,10 @@ def write_settings(run_dir: str | Path, teacher: Path, cfg: DistillConfig) -> Pa
         src = cfg.unlabeled.source
         d["unlabeled"]["source"] = ([str(Path(x).expanduser().resolve()) for x in src] if isinstance(src, list)
                                     else str(Path(src).expanduser().resolve()))
+    if teacher is not None:  # absolute when it is a file (an Ultralytics model name such as yolov8n.yaml stays one)
+        teacher = str(Path(teacher).resolve()) if Path(teacher).exists() else str(teacher)
     text = ("# detkd: the distillation settings of this run (parsed; every default written out). args.yaml's "
-            "distill_model points here.\n" + yaml.safe_dump({"teacher": str(Path(teacher).resolve()), "distill": d},
-                                                           sort_keys=False))
+            "distill_model points here.\n" + yaml.safe_dump({"teacher": teacher, "distill": d}, sort_keys=False))
     out = Path(run_dir) / SETTINGS_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
@@ -460,28 +541,51 @@ class KDDetectionModel(DistillationModel):
     lives inside the distiller, unregistered, so it is neither in ``parameters()`` (hence not in the optimizer)
     nor in ``state_dict()``; ``teacher_model`` is a property for Ultralytics' code, and setting it to None (what
     ``ModelEMA`` does to its copy) drops the teacher from that copy.
+
+    ``distill.mode: online``: the teacher trains, so it is also registered, as ``online_teacher``: its parameters are
+    in ``parameters()`` (Ultralytics' optimizer builder puts them in the optimizer) and its own detection loss is a
+    loss item (``t_det``); the EMA copy drops it like a frozen one. ``distill.mode: self``: ``teacher`` is None; the
+    Distiller's teacher pass is the student at 2x, level l + 1 teaching level l (``features: auto`` taps and the head
+    extractors are shifted by one level; the coarsest level has no teacher).
     """
 
-    def __init__(self, student: DetectionModel, teacher: DetectionModel, distill: DistillConfig | dict,
+    def __init__(self, student: DetectionModel, teacher: DetectionModel | None, distill: DistillConfig | dict,
                  imgsz: int = 640):
         nn.Module.__init__(self)
-        cfg = expand_taps(load_config(distill), student, teacher)
-        check_compatible(student, teacher, cfg)
+        cfg = load_config(distill)
+        self.mode = cfg.mode
         s_det = detect_layer(student)
         ch = student.yaml.get("channels", 3) if isinstance(getattr(student, "yaml", None), dict) else 3
         device = next(student.parameters()).device
-        teacher = teacher.to(device)
         example = torch.zeros(1, ch, imgsz, imgsz, device=device)
+        stride, n = s_det.stride.tolist(), len(s_det.stride)
+        if self.mode == "self":
+            if teacher is not None and teacher is not student:
+                raise ConfigError("distill.mode: self: the student is its own teacher; pass teacher=None")
+            if n < 2:
+                raise ConfigError(f"distill.mode: self needs a detection head with at least 2 levels; this one has {n}")
+            inputs = detect_inputs(student)
+            cfg = cfg.with_auto_taps(inputs[:-1], inputs[1:]) if cfg.has_auto_taps else cfg  # 2x level l+1 -> l
+            check_compatible(student, student, cfg)
+            teacher = None
+            s_head = UltralyticsHead(stride, s_det.reg_max, levels=(0, n - 1))
+            t_head = UltralyticsHead(stride, s_det.reg_max, levels=(1, n), scale=SELF_SCALE)
+        else:
+            if teacher is None:
+                raise ConfigError(f"distill.mode: {self.mode} needs a teacher model")
+            cfg = expand_taps(cfg, student, teacher)
+            check_compatible(student, teacher, cfg)
+            teacher = teacher.to(device)
+            s_head = UltralyticsHead(stride, s_det.reg_max)
+            t_head = UltralyticsHead(detect_layer(teacher).stride.tolist(), detect_layer(teacher).reg_max)
         self.student_model = student
-        self.distiller = Distiller(
-            student,
-            teacher,
-            cfg,
-            example_inputs=example,
-            head_extractor=UltralyticsHead(s_det.stride.tolist(), s_det.reg_max),
-            teacher_head_extractor=UltralyticsHead(detect_layer(teacher).stride.tolist(), detect_layer(teacher).reg_max),
-        )
-        self.kd_terms = tuple(k for k, on in zip(KD_TERMS, (cfg.logits, cfg.boxes, cfg.features)) if on)
+        self.distiller = Distiller(student, teacher, cfg, example_inputs=example, head_extractor=s_head,
+                                   teacher_head_extractor=t_head)
+        if self.mode == "online":
+            self.online_teacher = teacher  # registered: in parameters() (the optimizer) and in train() / to()
+        keys = term_keys(self.distiller.cfg)
+        self.kd_terms = tuple(k for k in KD_TERMS if k in keys)
+        self.extra_items = (TEACHER_ITEM,) if self.mode == "online" else ()
         self.task_weight = float(cfg.task_weight)
         for k in ("yaml", "nc", "names", "stride", "args", "task", "pt_path"):
             if hasattr(student, k):
@@ -497,10 +601,17 @@ class KDDetectionModel(DistillationModel):
     def teacher_model(self, value):
         if "_modules" in self.__dict__ and "distiller" in self._modules:
             self.distiller.teacher = value
+            if value is None:
+                self._modules.pop("online_teacher", None)  # ModelEMA's copy: no trained teacher either
+
+    @property
+    def frozen_teacher(self) -> bool:
+        """Whether the teacher is a frozen, unregistered one (``mode: offline``) that this wrapper moves itself."""
+        return getattr(self, "mode", "offline") == "offline"
 
     def _freeze_teacher(self):
         t = self.teacher_model
-        if t is not None:
+        if t is not None and self.frozen_teacher:
             t.eval()
             for q in t.parameters():
                 q.requires_grad_(False)
@@ -508,7 +619,7 @@ class KDDetectionModel(DistillationModel):
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
         t = self.teacher_model
-        if t is not None:
+        if t is not None and self.frozen_teacher:  # online: a registered submodule; self: the student
             t._apply(fn)
         return self
 
@@ -541,12 +652,13 @@ class KDDetectionModel(DistillationModel):
         """Detection loss of the student plus the distillation terms, each its own loss item."""
         student = self.student_model
         unl = _unlabeled_mask(batch)
+        extra = getattr(self, "extra_items", ())
         if not self.training or self.teacher_model is None:  # validation on the EMA copy (no teacher)
             if preds is None:
                 preds = student(batch["img"])
             regular, items = student.loss(batch, preds) if unl is None else labeled_loss(student, batch, preds, ~unl)
-            zero = torch.zeros(len(self.kd_terms), device=regular.device)
-            items.update({k: zero[i] for i, k in enumerate(self.kd_terms)})
+            zero = torch.zeros(len(self.kd_terms) + len(extra), device=regular.device)
+            items.update({k: zero[i] for i, k in enumerate(self.kd_terms + extra)})
             return torch.cat([regular, zero]), items
         img = batch["img"]
         with self.distiller.record(student):
@@ -555,19 +667,31 @@ class KDDetectionModel(DistillationModel):
         regular, items = student.loss(batch, preds) if unl is None else labeled_loss(student, batch, preds, ~unl)
         gt_boxes, gt_valid = yolo_gt_boxes(batch, tuple(img.shape[-2:]))
         keys = batch.get("im_file") if self.distiller.teacher_cache is not None else None  # teacher_runtime.cache
+        own = []  # mode online: the teacher's own detection loss
         try:
+            if self.mode == "online":
+                own, t_items = self._teacher_step(batch)
             if unl is not None and bool(unl.any()) and self._needs_boxes():
                 gt_boxes, gt_valid = self._with_pseudo_boxes(img, keys, unl, gt_boxes, gt_valid)
             terms = self.distiller(img, student_output=preds, gt_boxes=gt_boxes, gt_valid=gt_valid,
                                    img_shape=tuple(img.shape[-2:]), teacher_keys=keys)
         except BaseException:
-            self.distiller.reset_step()  # a teacher run by _with_pseudo_boxes must not linger
+            self.distiller.reset_step()  # a teacher run by _with_pseudo_boxes / _teacher_step must not linger
             raise
         kd = torch.stack([terms.get(k, torch.zeros((), device=img.device)).float() for k in self.kd_terms])
         for i, k in enumerate(self.kd_terms):
             items[k] = kd[i].detach()
+        if own:
+            items[TEACHER_ITEM] = t_items
         bs = img.shape[0]
-        return torch.cat([regular * self.task_weight, kd * bs]), items
+        return torch.cat([regular * self.task_weight, kd * bs, *own]), items
+
+    def _teacher_step(self, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``mode: online``: run the trained teacher on the batch (with gradients; the Distiller then uses this run)
+        and its own Ultralytics detection loss. Returns ``([its loss summed, shape (1,)], its items summed)``."""
+        out = self.distiller.teacher_forward(batch["img"])
+        loss, items = self.online_teacher.loss(batch, out)
+        return [loss.sum().reshape(1)], sum(v.detach().float() for v in items.values())
 
     # --- distill.unlabeled: teacher boxes for the feature methods that need boxes (fgd) ---------------------------
     def _needs_boxes(self) -> bool:
@@ -684,8 +808,8 @@ class DistillTrainer(DetectionTrainer):
         if not self.args.distill_model:
             raise ConfigError("DistillTrainer needs distill_model=<detkd YAML or teacher .pt>")
         self.teacher_path, self.distill_cfg = load_kd_settings(self.args.distill_model)
-        if not self.teacher_path.is_file():
-            raise ConfigError(f"teacher: file not found: {self.teacher_path}")
+        spec = check_teacher_spec(self.teacher_path, self.distill_cfg.mode)
+        self.teacher_path = None if spec is None else Path(spec)
         self.unlabeled = self.distill_cfg.unlabeled
         if self.unlabeled is not None and self.args.rect:
             raise ConfigError("distill.unlabeled does not work with rect=True (rectangular batches are ordered by "
@@ -710,7 +834,7 @@ class DistillTrainer(DetectionTrainer):
 
     def settings(self) -> dict:
         """The parsed settings as a ``distill_model`` mapping (see :func:`load_kd_settings`)."""
-        return {"teacher": str(self.teacher_path), "distill": self.distill_cfg}
+        return {"teacher": None if self.teacher_path is None else str(self.teacher_path), "distill": self.distill_cfg}
 
     # --- data: distill.unlabeled mixes unlabeled frames into the training batches (ultralytics_unlabeled.py) -------
     def build_dataset(self, img_path, mode="train", batch=None):
@@ -752,14 +876,37 @@ class DistillTrainer(DetectionTrainer):
         if what is not None:
             raise ConfigError(f"student: {self.args.model} is {what}; detkd distils detection models only")
         student.args = self.args
-        teacher = load_teacher(self.teacher_path)
+        mode = self.distill_cfg.mode
+        if mode == "offline":
+            teacher = load_teacher(self.teacher_path)
+        elif mode == "online":
+            teacher = build_online_teacher(str(self.teacher_path), self.data["nc"], self.data["names"],
+                                           self.data.get("channels", 3))
+            teacher.args = self.args
+        else:
+            teacher = None
         imgsz = self.args.imgsz if isinstance(self.args.imgsz, int) else max(self.args.imgsz)
         model = KDDetectionModel(student, teacher, self.distill_cfg, imgsz=int(imgsz))
         check_teacher_cache(self.args, model.distiller.cfg)
         if RANK in {-1, 0} and verbose:
             d = model.distiller
-            LOGGER.info(f"detkd: teacher {self.teacher_path} -> student; terms {list(model.kd_terms)}; "
-                        f"{sum(p.numel() for p in d.parameters())} distillation parameters")
+            n_kd = sum(p.numel() for p in d.parameters())
+            start = d.cfg.kd_start_epoch
+            when = f"; distillation from epoch {int(start) + 1} (warmup_epochs {start:g})" if start else ""
+            if mode == "online":
+                n_t = sum(p.numel() for p in teacher.parameters())
+                LOGGER.info(f"detkd: online distillation: teacher {self.teacher_path} ({n_t:,} parameters, "
+                            f"{'fresh weights' if str(self.teacher_path).endswith(('.yaml', '.yml')) else 'its weights'}"
+                            f") trains with the student on every batch (its detection loss: {TEACHER_ITEM}); terms "
+                            f"{list(model.kd_terms)}, mutual weight {d.cfg.mutual_weight:g}{when}; "
+                            f"{n_kd} distillation parameters")
+            elif mode == "self":
+                LOGGER.info(f"detkd: self-distillation: a no-grad pass of the student at {SELF_SCALE}x resolution "
+                            f"teaches its normal pass, level l+1 -> level l; terms {list(model.kd_terms)}{when}; "
+                            f"{n_kd} distillation parameters")
+            else:
+                LOGGER.info(f"detkd: teacher {self.teacher_path} -> student; terms {list(model.kd_terms)}; "
+                            f"{n_kd} distillation parameters")
         return model
 
     def set_model_attributes(self):
@@ -767,6 +914,15 @@ class DistillTrainer(DetectionTrainer):
         m = unwrap_model(self.model)
         for k in ("nc", "names", "args"):
             setattr(m.student_model, k, getattr(m, k))
+            if "online_teacher" in m._modules:
+                setattr(m.online_teacher, k, getattr(m, k))
+
+    def set_class_weights(self):
+        super().set_class_weights()
+        m = unwrap_model(self.model)
+        w = getattr(m.student_model, "class_weights", None)
+        if w is not None and "online_teacher" in m._modules:  # the trained teacher's loss weighs classes alike
+            m.online_teacher.class_weights = w
 
     def _model_train(self):
         super()._model_train()
@@ -777,7 +933,8 @@ class DistillTrainer(DetectionTrainer):
         super()._setup_train()
         from detkd.integrations.ultralytics_gap import TrainerGapMonitor
 
-        self.gap_monitor = TrainerGapMonitor(self)  # evaluates the teacher once (cached), replays a resumed run
+        if self.distill_cfg.mode == "offline":  # a teacher in training (online) or none (self): no fixed gap
+            self.gap_monitor = TrainerGapMonitor(self)  # evaluates the teacher once (cached), replays a resumed run
 
     def validate(self):
         metrics, fitness = super().validate()
@@ -811,9 +968,11 @@ class DistillTrainer(DetectionTrainer):
             import io
 
             buf = io.BytesIO()  # serialise first: a failing file write is then an OSError (ENOSPC), not torch's
-            torch.save({"epoch": self.epoch, "distiller": model.distiller.state_dict(),
-                        "distiller_ema": wrapper_ema.distiller.state_dict(),
-                        "distill_model": str(self.args.distill_model)}, buf)
+            state = {"epoch": self.epoch, "distiller": model.distiller.state_dict(),
+                     "distiller_ema": wrapper_ema.distiller.state_dict(), "distill_model": str(self.args.distill_model)}
+            if "online_teacher" in model._modules:  # mode online: the teacher being trained (no EMA of it)
+                state["online_teacher"] = model.online_teacher.state_dict()
+            torch.save(state, buf)
             tmp[kd_path].write_bytes(buf.getvalue())
             writing = last
             self.ema.ema, self.model = wrapper_ema.student_model, model.student_model
@@ -866,9 +1025,41 @@ class DistillTrainer(DetectionTrainer):
 
         engine.strip_optimizer = atomic_strip
         try:
-            return super().final_eval()
+            out = super().final_eval()
         finally:
             engine.strip_optimizer = strip
+        self._save_online_teacher()
+        return out
+
+    def _save_online_teacher(self) -> Path | None:
+        """``mode: online``: the trained teacher (its last weights; no EMA) as a plain Ultralytics checkpoint,
+        ``weights/online_teacher.pt`` (atomic), loadable like best.pt (``detkd eval``, ``yolo predict``, a teacher of
+        a later offline run)."""
+        m = unwrap_model(self.model)
+        if "online_teacher" not in m._modules:
+            return None
+        from datetime import datetime
+
+        from ultralytics import __version__
+
+        t = copy.deepcopy(m.online_teacher)
+        t.criterion = None
+        ckpt = {"epoch": self.epoch, "model": None, "ema": t.half(), "updates": None, "optimizer": None,
+                "train_args": {**vars(self.args), "distill_model": str(self.args.distill_model)},
+                "date": datetime.now().isoformat(), "version": __version__}
+        out = self.wdir / "online_teacher.pt"
+        tmp = out.with_name(out.name + ".tmp")
+        try:
+            torch.save(ckpt, tmp)
+            os.replace(tmp, out)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            err = _disk_full(e, out, self.last, getattr(self, "_saved_epoch", None))
+            if err is e:
+                raise
+            raise err from e
+        LOGGER.info(f"detkd: the online teacher's weights: {out}")
+        return out
 
     def _handle_nan_recovery(self, epoch):
         """Ultralytics' NaN/Inf rollback to last.pt, for detkd's checkpoints (plain student in last.pt, distiller
@@ -920,6 +1111,12 @@ class DistillTrainer(DetectionTrainer):
         model = unwrap_model(self.model)
         if kd is not None:
             model.distiller.load_state_dict(kd["distiller"])
+        if "online_teacher" in model._modules:
+            if kd is not None and kd.get("online_teacher") is not None:
+                model.online_teacher.load_state_dict(kd["online_teacher"])
+            else:
+                LOGGER.warning("detkd: no online teacher state in the distillation checkpoint; the teacher starts "
+                               "again from its initial weights")
         if ckpt.get("optimizer") is not None:
             for saved, group in zip(ckpt["optimizer"]["param_groups"], self.optimizer.param_groups):
                 saved["fused"] = group.get("fused")
