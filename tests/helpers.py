@@ -53,3 +53,25 @@ def rect_dataset(root: Path, imgsz: int, n_train: int = 16, n_val: int = 8) -> P
     p.write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val",
                                  "names": {0: "red", 1: "green", 2: "blue"}}))
     return p
+
+
+def train_tiny_teacher(data_yaml: Path, project: Path, imgsz: int):
+    """A plain Ultralytics YOLOv8n trained 1 epoch on tiny data (quality does not matter); returns its trainer."""
+    from ultralytics import YOLO
+
+    m = YOLO("yolov8n.yaml")
+    m.train(data=str(data_yaml), epochs=1, imgsz=imgsz, batch=8, device="cpu", workers=0, project=str(project),
+            name="t", plots=False, val=False, verbose=False, seed=0, amp=False)
+    return m.trainer
+
+
+def untrained_checkpoint(path: Path, names: dict[int, str], cfg: str = "yolov8n.yaml") -> Path:
+    """An untrained detection model with ``names`` saved in Ultralytics' own checkpoint format."""
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import DetectionModel
+
+    m = YOLO(cfg)
+    m.model = DetectionModel(cfg, nc=len(names), verbose=False)
+    m.model.names = dict(names)
+    m.save(str(path))
+    return path

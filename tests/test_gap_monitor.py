@@ -92,16 +92,11 @@ def tiny(tmp_path_factory):
     from detkd.integrations.ultralytics_env import ensure_ultralytics_offline
 
     ensure_ultralytics_offline()
-    from ultralytics import YOLO
-
-    from helpers import rect_dataset
+    from helpers import rect_dataset, train_tiny_teacher
 
     data = rect_dataset(tmp_path_factory.mktemp("rects"), IMGSZ)
-    m = YOLO("yolov8n.yaml")
-    m.train(data=str(data), epochs=1, imgsz=IMGSZ, batch=8, device="cpu", workers=0,
-            project=str(tmp_path_factory.mktemp("teacher")), name="t", plots=False, val=False, verbose=False, seed=0,
-            amp=False)
-    teacher = Path(m.trainer.best if Path(m.trainer.best).exists() else m.trainer.last)
+    tr = train_tiny_teacher(data, tmp_path_factory.mktemp("teacher"), IMGSZ)
+    teacher = Path(tr.best if Path(tr.best).exists() else tr.last)
     return data, teacher
 
 

@@ -27,7 +27,7 @@ from detkd import cli  # noqa: E402
 from detkd.assets import PICO_YAML  # noqa: E402
 from detkd.errors import ConfigError, DetkdError  # noqa: E402
 from detkd.integrations import ultralytics as ul  # noqa: E402
-from helpers import rect_dataset  # noqa: E402
+from helpers import rect_dataset, train_tiny_teacher  # noqa: E402
 
 IMGSZ = 64
 
@@ -39,11 +39,7 @@ def data_yaml(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher_pt(data_yaml, tmp_path_factory) -> Path:
-    proj = tmp_path_factory.mktemp("teacher")
-    m = YOLO("yolov8n.yaml")
-    m.train(data=str(data_yaml), epochs=1, imgsz=IMGSZ, batch=8, device="cpu", workers=0, project=str(proj),
-            name="t", plots=False, val=False, verbose=False, seed=0, amp=False)
-    return Path(m.trainer.last)
+    return Path(train_tiny_teacher(data_yaml, tmp_path_factory.mktemp("teacher"), IMGSZ).last)
 
 
 def _cfg(tmp_path: Path, teacher_pt: Path, data_yaml: Path, **over) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import rect_dataset
+from helpers import rect_dataset, untrained_checkpoint
 
 IMGSZ = 64
 _ADDR = re.compile(r"(connect|sendto|sendmsg)\(\d+, .*?sa_family=(AF_INET6?|AF_UNIX)[^}]*\}")
@@ -99,14 +99,7 @@ def test_detkd_train_and_eval_make_no_network_calls(tmp_path):
     from detkd.integrations.ultralytics_env import ensure_ultralytics_offline
 
     ensure_ultralytics_offline()
-    from ultralytics import YOLO
-    from ultralytics.nn.tasks import DetectionModel
-
-    m = YOLO("yolov8n.yaml")
-    m.model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
-    m.model.names = {0: "red", 1: "green", 2: "blue"}
-    teacher = tmp_path / "teacher.pt"
-    m.save(str(teacher))
+    teacher = untrained_checkpoint(tmp_path / "teacher.pt", {0: "red", 1: "green", 2: "blue"})
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({
         "teacher": str(teacher), "student": "yolov8n.yaml", "data": str(data), "epochs": 1, "imgsz": IMGSZ,

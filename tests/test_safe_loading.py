@@ -17,7 +17,7 @@ from detkd.integrations.ultralytics_env import ensure_ultralytics_offline
 
 ensure_ultralytics_offline()
 
-from helpers import rect_dataset  # noqa: E402
+from helpers import rect_dataset, untrained_checkpoint  # noqa: E402
 
 IMGSZ = 64
 
@@ -37,14 +37,7 @@ def files(tmp_path_factory):
     marker = root / "PAYLOAD_RAN"
     evil = root / "evil.pt"
     torch.save({"model": _Payload(marker), "train_args": {}}, evil)
-    from ultralytics import YOLO
-    from ultralytics.nn.tasks import DetectionModel
-
-    m = YOLO("yolov8n.yaml")
-    m.model = DetectionModel("yolov8n.yaml", nc=3, verbose=False)
-    m.model.names = {0: "red", 1: "green", 2: "blue"}
-    good = root / "good.pt"
-    m.save(str(good))
+    good = untrained_checkpoint(root / "good.pt", {0: "red", 1: "green", 2: "blue"})
     return {"root": root, "data": data, "marker": marker, "evil": evil, "good": good}
 
 

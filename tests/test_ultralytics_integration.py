@@ -28,7 +28,7 @@ from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 from detkd.assets import PICO_YAML  # noqa: E402
 from detkd.errors import ConfigError  # noqa: E402
 from detkd.integrations import ultralytics as ul  # noqa: E402
-from helpers import rect_dataset  # noqa: E402
+from helpers import rect_dataset, train_tiny_teacher  # noqa: E402
 
 IMGSZ = 64
 
@@ -42,11 +42,8 @@ def data_yaml(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def teacher_pt(data_yaml, tmp_path_factory) -> Path:
     """A plain Ultralytics YOLOv8n trained 1 epoch on the tiny data (the teacher; quality does not matter)."""
-    proj = tmp_path_factory.mktemp("teacher")
-    m = YOLO("yolov8n.yaml")
-    m.train(data=str(data_yaml), epochs=1, imgsz=IMGSZ, batch=8, device="cpu", workers=0, project=str(proj),
-            name="t", plots=False, val=False, verbose=False, seed=0, amp=False)
-    return Path(m.trainer.best if Path(m.trainer.best).exists() else m.trainer.last)
+    tr = train_tiny_teacher(data_yaml, tmp_path_factory.mktemp("teacher"), IMGSZ)
+    return Path(tr.best if Path(tr.best).exists() else tr.last)
 
 
 def _kd_yaml(tmp_path: Path, teacher: Path, distill: dict | None = None) -> Path:

@@ -24,7 +24,6 @@ from detkd.integrations.ultralytics_env import ensure_ultralytics_offline
 
 ensure_ultralytics_offline()
 
-from ultralytics import YOLO  # noqa: E402
 from ultralytics.cfg import get_cfg  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 from ultralytics.utils.loss import v8DetectionLoss  # noqa: E402
@@ -39,7 +38,7 @@ from detkd.integrations.ultralytics_unlabeled import (  # noqa: E402
     batch_plan,
     pseudo_boxes,
 )
-from helpers import rect_dataset  # noqa: E402
+from helpers import rect_dataset, train_tiny_teacher  # noqa: E402
 
 IMGSZ = 64
 
@@ -57,11 +56,8 @@ def unlabeled_dir(data_yaml) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher_pt(data_yaml, tmp_path_factory) -> Path:
-    proj = tmp_path_factory.mktemp("teacher")
-    m = YOLO("yolov8n.yaml")
-    m.train(data=str(data_yaml), epochs=1, imgsz=IMGSZ, batch=8, device="cpu", workers=0, project=str(proj),
-            name="t", plots=False, val=False, verbose=False, seed=0, amp=False)
-    return Path(m.trainer.best if Path(m.trainer.best).exists() else m.trainer.last)
+    tr = train_tiny_teacher(data_yaml, tmp_path_factory.mktemp("teacher"), IMGSZ)
+    return Path(tr.best if Path(tr.best).exists() else tr.last)
 
 
 # ----------------------------------------------------------------------------------------------------------------
