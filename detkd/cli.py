@@ -160,7 +160,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from detkd.demo import run_demo
 
     budget = "quick" if args.quick else "full" if args.full else "default"
-    run_demo(args.out, budget=budget, threads=args.threads, seed=args.seed, skip_existing=not args.fresh)
+    run_demo(args.out, budget=budget, threads=args.threads, seed=args.seed, skip_existing=not args.fresh,
+             jobs=args.jobs)
     return 0
 
 
@@ -306,7 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true", help="a few minutes (tiny data and epochs)")
     g.add_argument("--full", action="store_true", help="the real benchmark (hours on CPU)")
     de.add_argument("--out", default="detkd_demo", help="output folder (default ./detkd_demo)")
-    de.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    de.add_argument("--threads", type=int, default=None, help="CPU threads in all (default: all cores)")
+    de.add_argument("--jobs", type=int, default=None,
+                    help="trainings at once, each in its own process with threads/jobs threads (default: 2 when "
+                         "there are >= 2 threads: the teacher and the baseline train side by side)")
     de.add_argument("--seed", type=int, default=0)
     de.add_argument("--fresh", action="store_true", help="redo every stage even if its output exists")
     de.set_defaults(func=_cmd_demo)

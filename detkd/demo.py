@@ -28,7 +28,7 @@ def _say(msg: str) -> None:
 
 
 def run_demo(out: str | Path = "detkd_demo", budget: str = "default", threads: int | None = None, seed: int = 0,
-             skip_existing: bool = True) -> dict:
+             skip_existing: bool = True, jobs: int | None = None) -> dict:
     from detkd.integrations.ultralytics_env import ensure_ultralytics_offline
 
     ensure_ultralytics_offline()
@@ -40,6 +40,7 @@ def run_demo(out: str | Path = "detkd_demo", budget: str = "default", threads: i
     b = BUDGETS[budget]
     smoke = budget == "quick"
     threads = threads or max(1, os.cpu_count() or 1)
+    jobs = jobs or (2 if threads >= 2 and b.device == "cpu" else 1)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if not skip_existing and (out / "runs").exists():
@@ -51,13 +52,14 @@ def run_demo(out: str | Path = "detkd_demo", budget: str = "default", threads: i
         _say("SMOKE TEST (--quick): every stage runs on tiny data for 2 epochs; the numbers it prints mean nothing. "
              "Run `detkd demo` without --quick for a real comparison.")
     _say(f"budget '{budget}' ({b.description}): teacher {Path(b.teacher).stem} {b.teacher_epochs} epochs, students "
-         f"{Path(b.student).stem} {b.student_epochs} epochs, {b.n_train} train frames at {b.imgsz} px, {threads} threads")
+         f"{Path(b.student).stem} {b.student_epochs} epochs, {b.n_train} train frames at {b.imgsz} px, {threads} threads"
+         + (f" ({jobs} trainings at once)" if jobs > 1 else ""))
     data_yaml = make_data(out / "data", b, seed, "detkd demo")
     stages = [Stage("teacher", "teacher", b.teacher, b.teacher_epochs, seed),
               Stage("baseline", "student", b.student, b.student_epochs, seed),
               Stage("distilled", "distilled", b.student, b.student_epochs, seed, distill=b.distill,
                     teacher_from="teacher")]
-    weights = StageRunner(out, data_yaml, b, threads, stages, "detkd demo").run()
+    weights = StageRunner(out, data_yaml, b, max(1, threads // jobs), stages, "detkd demo", jobs=jobs).run()
     logs = {r: out / "runs" / r / "results.csv" for r in weights}
 
     split = b.report_split

@@ -57,7 +57,7 @@ def test_full_config_parsed_into_dataclasses():
     assert isinstance(f0, FeatureTapConfig) and (f0.student, f0.teacher, f0.method, f0.weight) == ("neck.0", "neck.0",
                                                                                                  "cwd", 2.0)
     assert f0.adapter == "auto" and f0.options == {"tau": 2.0}
-    assert f1.schedule == Schedule("linear") and f1.adapter == "none" and f1.weight == 1.0
+    assert f1.schedule == Schedule("linear") and f1.adapter == "none" and f1.weight == 0.2
     # shorthands: a method name alone, a schedule kind alone
     s = DistillConfig.from_dict({"logits": "kd", "boxes": "ld"})
     assert s.logits == LogitConfig(method="kd") and s.boxes == BoxConfig(method="ld") and s.features == []

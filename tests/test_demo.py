@@ -9,7 +9,7 @@ import sys
 def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "detkd", "demo", "--quick", "--out", str(out), "--threads", "2"],
-                       capture_output=True, text=True, timeout=1500, env={**os.environ})
+                       capture_output=True, text=True, timeout=1500, env={**os.environ, "YOLO_VERBOSE": "True"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert "student mAP50-95" in r.stdout and "gap closed" in r.stdout and "CPU latency" in r.stdout
     # --quick says, in the terminal and the report's headline, that its numbers mean nothing
@@ -21,6 +21,15 @@ def test_demo_quick(tmp_path):
     assert (out / "report" / lc["file"]).is_file() and "gap" in lc["caption"]
     # a stage line with an ETA per training stage
     assert r.stdout.count("[detkd demo] stage ") == 3 and "ETA" in r.stdout
+    # 2 threads: teacher and baseline train side by side (1 thread each, output in runs/<stage>.log); the distilled
+    # student starts once the teacher has finished and, alone, gets both threads
+    lines = r.stdout.splitlines()
+    at = {k: next(i for i, x in enumerate(lines) if k in x) for k in
+          ("stage 1/3 teacher", "stage 2/3 baseline", "teacher finished", "stage 3/3 distilled")}
+    assert at["stage 1/3 teacher"] < at["stage 2/3 baseline"] < at["teacher finished"] < at["stage 3/3 distilled"]
+    assert "1 threads" in lines[at["stage 1/3 teacher"]] and "2 threads" in lines[at["stage 3/3 distilled"]]
+    for role in ("teacher", "baseline", "distilled"):
+        assert "mAP50-95" in (out / "runs" / f"{role}.log").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["split"] == "test" and set(summary["ood_AP"]) == {"teacher", "baseline", "distilled"}
     for role in ("teacher", "baseline", "distilled"):
@@ -57,3 +66,20 @@ def test_interrupted_stage_is_not_reused(tmp_path):
     assert not _finished(csv, 2)
     csv.write_text("epoch,loss\n1,0.5\n2,0.4\n\n")
     assert _finished(csv, 2)
+
+
+def test_parallel_stage_failure_names_the_stage_and_its_log(tmp_path):
+    """With jobs > 1 a stage that fails in its worker process stops the run with its name and its log file."""
+    import pytest
+
+    from detkd.benchmark import BUDGETS, Stage, StageRunner
+
+    b = BUDGETS["quick"]
+    stages = [Stage("broken", "student", str(tmp_path / "missing.yaml"), 1)]
+    with pytest.raises(RuntimeError, match=r"stage broken failed.*broken\.log"):
+        StageRunner(tmp_path, tmp_path / "data.yaml", b, 1, stages, "t", jobs=2).run()
+    assert (tmp_path / "runs" / "broken.log").is_file()
+    # a stage whose teacher stage is not in the run is refused before anything trains
+    with pytest.raises(ValueError, match="teacher stage 'teacher' is not in this run"):
+        StageRunner(tmp_path, tmp_path / "data.yaml", b, 1, [Stage("kd", "distilled", "x.yaml", 1, teacher_from="teacher")],
+                    "t", jobs=2).run()

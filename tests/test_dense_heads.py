@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from detkd.config import FeatureTapConfig
 from detkd.distiller import DenseOutputs, Distiller
 from detkd.errors import ConfigError
 from detkd.losses import box_kd_loss, fitnet_loss, kd_loss
@@ -112,7 +113,7 @@ def test_anchor_head_with_softmax_classes_and_decoded_deltas(models):
         exp_cls = kd_loss(s_cls.transpose(1, 2), t_cls.transpose(1, 2), temperature=2.0)  # over all K + 1 columns
         exp_box = 0.5 * box_kd_loss(s_boxes, t_boxes, conf)
         f_s = kd.adapters["0"](s.backbone(x))
-        exp_feat = fitnet_loss(f_s, t.backbone(x))
+        exp_feat = FeatureTapConfig.weight * fitnet_loss(f_s, t.backbone(x))
     assert not torch.allclose(conf, t_cls.sigmoid().amax(-1))  # not YOLO's max class sigmoid
     torch.testing.assert_close(terms["kd_cls"].detach(), exp_cls, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(terms["kd_box"].detach(), exp_box, rtol=1e-5, atol=1e-6)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detkd.config import BoxConfig, LogitConfig
+from detkd.config import BoxConfig, FeatureTapConfig, LogitConfig
 from detkd.distiller import DenseOutputs, Distiller
 from detkd.errors import ConfigError
 from detkd.losses import at_loss, box_kd_loss, cwd_loss, fitnet_loss, kd_loss, ld_loss, sigmoid_kd_loss
@@ -196,7 +196,7 @@ def test_head_tapped_by_module_name_and_tuple_selection():
         # no weights given: the defaults of detkd.config (their one home)
         exp_cls = LogitConfig.weight * kd_loss(out["cls"].transpose(1, 2), t_out["cls"].transpose(1, 2), 2.0)
         exp_box = BoxConfig.weight * box_kd_loss(out["boxes"], t_out["boxes"], t_out["cls"].sigmoid().amax(-1))
-        exp_feat = at_loss(feats[1], t_feats[1])  # both 8x8: no resize
+        exp_feat = FeatureTapConfig.weight * at_loss(feats[1], t_feats[1])  # both 8x8: no resize
     torch.testing.assert_close(terms["kd_cls"].detach(), exp_cls)
     torch.testing.assert_close(terms["kd_box"].detach(), exp_box)
     torch.testing.assert_close(terms["kd_feat"].detach(), exp_feat)
@@ -239,9 +239,11 @@ def test_mgd_and_fgd_align_channels_themselves_and_fgd_needs_boxes(pair):
     with torch.no_grad():
         s2, t2 = s.backbone.b2(s.backbone.b1(x).relu()), t.backbone.b2(t.backbone.b1(x).relu())
         exp_fgd = kd.feature_losses["1"].loss(s2, t2, boxes, (IMG, IMG), gt_valid=valid)
-    torch.testing.assert_close(kd.last_terms["kd_feat/backbone.b2"], exp_fgd, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(kd.last_terms["kd_feat/backbone.b2"], FeatureTapConfig.weight * exp_fgd, rtol=1e-4,
+                               atol=1e-7)
     assert float(kd.last_terms["kd_feat/backbone.b1"]) > 0 and float(exp_fgd) > 0
-    torch.testing.assert_close(terms["kd_feat"].detach(), kd.last_terms["kd_feat/backbone.b1"] + exp_fgd)
+    torch.testing.assert_close(terms["kd_feat"].detach(),
+                               kd.last_terms["kd_feat/backbone.b1"] + FeatureTapConfig.weight * exp_fgd)
 
 
 def test_schedules_and_temperature_schedule_in_terms(pair):
@@ -506,7 +508,7 @@ def test_a_new_feature_method_is_one_decorated_loss(pair):
             s2, t2 = s.backbone.b2(s.backbone.b1(x).relu()), t.backbone.b2(t.backbone.b1(x).relu())
             exp0 = l1_feature_loss(kd.adapters["0"](s2), t2, scale=2.0)
             exp1 = kd.feature_losses["1"](s2, t2)
-        torch.testing.assert_close(terms["kd_feat"].detach(), exp0 + exp1)
+        torch.testing.assert_close(terms["kd_feat"].detach(), FeatureTapConfig.weight * (exp0 + exp1))
         assert b"l1_feature_loss" in pickle.dumps(kd)  # by reference: picklable for DDP
     finally:
         FEATURE_METHODS.pop("test_l1", None)

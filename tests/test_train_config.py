@@ -95,7 +95,7 @@ def test_shipped_distiller_example_config():
 
 
 def test_recipe_is_the_block_of_a_config_without_one_and_overrides_change_it(tmp_path):
-    from detkd.config import DistillConfig
+    from detkd.config import DistillConfig, FeatureTapConfig
     from detkd.integrations.recipes import DEFAULT_RECIPE
 
     c = tmp_path / "run.yaml"
@@ -106,7 +106,7 @@ def test_recipe_is_the_block_of_a_config_without_one_and_overrides_change_it(tmp
     assert d.logits.temperature == 2.0 and d.logits.weight == 4.0
     assert d.logits.options == {"avg_factor": "teacher_score"}
     assert d.boxes.method == "ld" and d.boxes.weight == 4.0 and d.boxes.temperature == 10.0
-    assert d.features == "auto" and d.feature_method == "pkd" and d.feature_weight == 1.0
+    assert d.features == "auto" and d.feature_method == "pkd" and d.feature_weight == FeatureTapConfig.weight == 0.2
     # one home per default: the recipe names terms, methods and options, never a number
     flat = yaml.safe_dump(DEFAULT_RECIPE)
     assert not any(k in flat for k in ("weight", "temperature"))

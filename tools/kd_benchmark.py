@@ -216,9 +216,14 @@ def main() -> None:
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the generated data (other variants: 1, 2, ...)")
     ap.add_argument("--out", default="runs/kd_benchmark")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="stages trained at once, each in its own process (default: 2 on a CPU with >= 2 cores, else 1)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per stage (default: cores / jobs)")
     ap.add_argument("--no-eval", action="store_true", help="train only (evaluate in a later run)")
     a = ap.parse_args()
+    cores = os.cpu_count() or 1
+    a.jobs = a.jobs or (2 if a.device == "cpu" and cores >= 2 else 1)
+    a.threads = a.threads or max(1, cores // a.jobs)
     from detkd.eval.run import evaluate_model
 
     b = budget(a.budget, a.device)
@@ -226,11 +231,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     say("kd_benchmark", f"budget '{a.budget}': teacher {Path(b.teacher).stem} {b.teacher_epochs} ep, students "
                         f"{Path(b.student).stem} {b.student_epochs} ep, {b.n_train} frames at {b.imgsz} px, seeds "
-                        f"{a.seeds}, rows {a.rows}, {a.threads} threads, device {a.device}")
+                        f"{a.seeds}, rows {a.rows}, {a.jobs} stage(s) at once x {a.threads} thread(s), device {a.device}")
     data_yaml = make_data(out / "data", b, a.data_seed, "kd_benchmark")
     _FEW_CTX.update(out=out, data=data_yaml)
     stages = stages_for(a.rows, a.seeds, b)
-    weights = StageRunner(out, data_yaml, b, a.threads, stages, "kd_benchmark").run()
+    weights = StageRunner(out, data_yaml, b, a.threads, stages, "kd_benchmark", jobs=a.jobs).run()
     if a.no_eval:
         return
     splits = [b.report_split] + (["test_ood"] if b.ood_cameras else [])
