@@ -1,8 +1,9 @@
 """Budgets and the resumable stage runner shared by `detkd demo` and ``tools/kd_benchmark.py``.
 
 A *stage* is one Ultralytics training run (teacher, baseline, a distilled student, ...) in ``runs/<name>``. A
-stage whose ``results.csv`` logged every epoch is reused, an interrupted one is trained again from scratch (the
-runs are deterministic per seed on CPU, so a rerun gives the same model). Before each stage one progress line
+stage whose ``results.csv`` logged every epoch is reused; an interrupted one continues from its ``last.pt`` with
+Ultralytics' ``resume`` (trained again from the start when that checkpoint cannot be resumed). Runs are
+deterministic per seed on CPU; a resumed one is close to, not bit-identical with, an uninterrupted one. Before each stage one progress line
 says which stage it is, how many are done, the time spent and an ETA from the seconds per epoch measured on the
 stages finished so far (Ultralytics' ``time`` column), scaled by the relative cost of each kind of stage.
 """
@@ -82,7 +83,7 @@ def say(prefix: str, msg: str) -> None:
 
 
 def finished(results_csv: Path, epochs: int) -> bool:
-    """True when an earlier run of this stage logged all its epochs (an interrupted one is trained again)."""
+    """True when an earlier run of this stage logged all its epochs (an interrupted one resumes, see train_run)."""
     if not results_csv.is_file():
         return False
     lines = [x for x in results_csv.read_text().splitlines()[1:] if x.strip()]
@@ -111,6 +112,16 @@ def train_run(model_cfg: str, data: Path, project: Path, name: str, epochs: int,
     import torch
     from ultralytics import YOLO
 
+    if distill_yaml is not None:
+        os.environ["DETKD_THREADS"] = str(threads)
+    last = project / name / "weights" / "last.pt"
+    done = _epochs_logged(project / name / "results.csv")
+    if last.is_file() and 0 < done < epochs:  # an interrupted stage continues from its last epoch
+        say("stage", f"{name}: resuming after epoch {done} of {epochs} from {last}")
+        try:
+            return _resume(last, threads, distill_yaml is not None)
+        except Exception as e:  # noqa: BLE001 - e.g. a last.pt cut short by the kill: train the stage again
+            say("stage", f"{name}: could not resume ({type(e).__name__}: {str(e)[:200]}); training it from the start")
     model = YOLO(model_cfg, task="detect")
     model.add_callback("on_pretrain_routine_start", lambda tr: torch.set_num_threads(threads))
     device = "0" if b.device == "cuda" else "cpu"
@@ -122,12 +133,37 @@ def train_run(model_cfg: str, data: Path, project: Path, name: str, epochs: int,
     if distill_yaml is not None:
         from detkd.integrations.ultralytics import DistillTrainer
 
-        os.environ["DETKD_THREADS"] = str(threads)
         model.train(trainer=DistillTrainer, distill_model=str(distill_yaml), **kw)
     elif ultralytics_teacher is not None:
         model.train(distill_model=str(ultralytics_teacher), **kw)
     else:
         model.train(**kw)
+    run = Path(model.trainer.save_dir)
+    best = run / "weights" / "best.pt"
+    return best if best.exists() else run / "weights" / "last.pt"
+
+
+def _epochs_logged(results_csv: Path) -> int:
+    try:
+        return len([x for x in results_csv.read_text().splitlines()[1:] if x.strip()])
+    except OSError:
+        return 0
+
+
+def _resume(last: Path, threads: int, detkd: bool) -> Path:
+    """Ultralytics' own ``resume=True`` from ``last.pt`` (its arguments, optimizer, EMA and epoch; detkd's adapters
+    and schedules from ``last.kd.pt``). Not bit-identical to an uninterrupted run: the data order restarts."""
+    import torch
+    from ultralytics import YOLO
+
+    model = YOLO(str(last))
+    model.add_callback("on_pretrain_routine_start", lambda tr: torch.set_num_threads(threads))
+    if detkd:
+        from detkd.integrations.ultralytics import DistillTrainer
+
+        model.train(resume=True, trainer=DistillTrainer)
+    else:
+        model.train(resume=True)
     run = Path(model.trainer.save_dir)
     best = run / "weights" / "best.pt"
     return best if best.exists() else run / "weights" / "last.pt"

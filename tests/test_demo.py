@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
@@ -83,3 +85,55 @@ def test_parallel_stage_failure_names_the_stage_and_its_log(tmp_path):
     with pytest.raises(ValueError, match="teacher stage 'teacher' is not in this run"):
         StageRunner(tmp_path, tmp_path / "data.yaml", b, 1, [Stage("kd", "distilled", "x.yaml", 1, teacher_from="teacher")],
                     "t", jobs=2).run()
+
+
+def test_interrupted_stages_resume_from_last_pt(tmp_path, capsys):
+    """A stage killed after an epoch continues from its last.pt (plain, detkd and Ultralytics' distill_model) and
+    ends with every epoch logged once; a last.pt that cannot be resumed is trained again from the start."""
+    from dataclasses import replace
+
+    import yaml
+    from ultralytics.utils import callbacks
+
+    from detkd.assets import FEMTO_YAML
+    from detkd.benchmark import BUDGETS, train_run
+    from tests.helpers import rect_dataset, untrained_checkpoint
+
+    data = rect_dataset(tmp_path / "data", 64, n_train=8, n_val=4)
+    b = replace(BUDGETS["quick"], imgsz=64, batch=4)
+    teacher = untrained_checkpoint(tmp_path / "t.pt", {0: "red", 1: "green", 2: "blue"})
+    kd_yaml = tmp_path / "kd.yaml"
+    kd_yaml.write_text(yaml.safe_dump({"teacher": str(teacher), "distill": b.distill}))
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(trainer):
+        if trainer.epoch == 0:
+            raise Killed
+
+    runs = tmp_path / "runs"
+    for name, kw in (("plain", {}), ("kd", {"distill_yaml": kd_yaml}), ("ul", {"ultralytics_teacher": teacher})):
+        callbacks.default_callbacks["on_model_save"].append(kill_after_first_epoch)
+        try:
+            with pytest.raises(Killed):
+                train_run(str(FEMTO_YAML), data, runs, name, 2, b, 1, 0, **kw)
+        finally:
+            callbacks.default_callbacks["on_model_save"].remove(kill_after_first_epoch)
+        csv = runs / name / "results.csv"
+        first = csv.read_text().splitlines()
+        assert len(first) == 2  # header + epoch 1
+        capsys.readouterr()
+        best = train_run(str(FEMTO_YAML), data, runs, name, 2, b, 1, 0, **kw)
+        assert f"{name}: resuming after epoch 1 of 2" in capsys.readouterr().out
+        lines = csv.read_text().splitlines()
+        assert lines[:2] == first, name  # epoch 1 kept as logged (a retrain would rewrite it, time included)
+        assert [r.split(",")[0].strip() for r in lines[1:]] == ["1", "2"] and best.is_file()
+    # a last.pt cut short by the kill: the stage starts again instead of failing
+    (runs / "plain" / "results.csv").write_text("epoch,time\n1,1.0\n")
+    (runs / "plain" / "weights" / "last.pt").write_bytes(b"PK\x03\x04 truncated")
+    capsys.readouterr()
+    best = train_run(str(FEMTO_YAML), data, runs, "plain", 2, b, 1, 0)
+    assert "plain: could not resume" in capsys.readouterr().out
+    rows = [r.split(",")[0].strip() for r in (runs / "plain" / "results.csv").read_text().splitlines()[1:]]
+    assert rows == ["1", "2"] and best.is_file()
