@@ -2,7 +2,8 @@
 
 ``framework: torchvision`` configs go to :mod:`detkd.integrations.torchvision_train` instead (its own loop; see there).
 
-A config names ``teacher`` (.pt; with ``distill.mode: online`` also a model yaml trained alongside, with
+A config names ``teacher`` (.pt: an Ultralytics checkpoint, or a ``framework: torchvision`` run's ``last.pt`` /
+``best.pt``, a cross-family teacher; with ``distill.mode: online`` also a model yaml trained alongside, with
 ``distill.mode: self`` none), ``student`` (.yaml or .pt), ``data`` (an Ultralytics data yaml, a COCO folder or
 ``{train: a.json, val: b.json}``, or a VOC root: converted and cached by `detkd.data.resolve`), a
 ``distill:`` block (see ``configs/``; without one, :data:`detkd.integrations.recipes.DEFAULT_RECIPE`), optional
@@ -69,7 +70,8 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> d
         raise ConfigError(f"{p}: not valid YAML ({e})") from e
     if not isinstance(cfg, dict):
         raise ConfigError(f"{p}: expected a mapping of keys at the top level")
-    if cfg.get("distill") is None:  # the recipe is the block: overrides change it rather than replace it
+    recipe = cfg.get("distill") is None
+    if recipe:  # the recipe is the block: overrides change it rather than replace it
         if cfg.get("framework") == "torchvision":
             from detkd.integrations.torchvision_train import default_recipe
 
@@ -89,6 +91,10 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> d
         from detkd.config import resolve_unlabeled_source
 
         cfg["distill"]["unlabeled"] = resolve_unlabeled_source(cfg["distill"]["unlabeled"], base)
+    if recipe and cfg.get("framework", "ultralytics") == "ultralytics":  # a torchvision teacher: l1_giou, not ld
+        from detkd.integrations.cross_family import cross_family_recipe
+
+        cfg["distill"] = cross_family_recipe(cfg.get("teacher"), cfg["distill"])
     cfg["_source"] = str(p)
     return cfg
 
@@ -188,7 +194,7 @@ def prepare(cfg: dict) -> tuple[str, dict, Any]:
 
     data_yaml = as_ultralytics_data(cfg["data"])  # a COCO / VOC source: validated, converted, cached
     data = check_data_yaml(data_yaml)
-    t_nc = ul.detect_layer(teacher).nc if teacher is not None else data["_nc"]
+    t_nc = ul.num_classes(teacher) if teacher is not None else data["_nc"]
     if t_nc != data["_nc"]:
         raise ConfigError(
             f"teacher {teacher_path} predicts {t_nc} classes but data {cfg['data']} has {data['_nc']}; "

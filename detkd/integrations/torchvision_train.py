@@ -17,7 +17,8 @@ Config (a YAML file, ``key=value`` overrides as for the Ultralytics path)::
 A run folder holds ``config.yaml`` (every setting), ``distill.yaml`` (the resolved block, taps named),
 ``results.csv`` (one row per epoch: each loss, each KD term, COCO mAP), ``val/detections.json`` + ``metrics.json``
 (``detkd eval --detections`` scores the json), ``weights/last.pt`` (everything a resume needs, written atomically
-every epoch), ``weights/best.pt`` (the student's ``state_dict`` only) and ``weights/build_student.py`` (plain
+every epoch; its ``settings`` and class ``names`` also let a YOLO student use the model as a cross-family teacher,
+see ``cross_family.py``), ``weights/best.pt`` (the student's ``state_dict`` only) and ``weights/build_student.py`` (plain
 torchvision code that builds the student and loads it). ``resume: true`` continues ``project/name`` from
 ``last.pt``, with the settings saved in it. Under ``torchrun --nproc_per_node N``: DDP student (SyncBatchNorm on
 CUDA), a frozen teacher per rank, the distiller's adapter gradients averaged like the student's, logged losses
@@ -454,7 +455,7 @@ def train(cfg: dict, callbacks: dict[str, Callable] | None = None) -> Path:
                 save_atomic(state, weights / "best.pt")
             save_atomic({"epoch": epoch, "model": state, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                          "scaler": scaler.state_dict(), "distiller": kd.state_dict() if kd else {}, "best": best,
-                         "settings": yaml.safe_dump(s)}, weights / "last.pt")
+                         "settings": yaml.safe_dump(s), "names": list(tr.names)}, weights / "last.pt")
             metrics = {k: v for k, v in row.items() if k.startswith("metrics/")}
             shown = ", ".join(f"{k} {v:.4g}" for k, v in {**means, **metrics}.items())
             print(f"detkd train: epoch {epoch + 1}: {shown}", flush=True)

@@ -44,6 +44,11 @@ weights, or a ``.pt``), registers it in the wrapper (so it is in the optimizer),
 resolution, without gradient, teaches its normal pass one pyramid level down (:class:`UltralyticsHead` ``levels`` /
 ``scale``). Neither has a teacher-student gap monitor.
 
+Cross-family teacher (``detkd/integrations/cross_family.py``): ``teacher:`` may be a detkd torchvision run's
+``last.pt`` / ``best.pt``; :func:`load_teacher` then returns a ``TorchvisionTeacher`` (run on the student's batch, no
+resize), ``features: auto`` pairs the Detect inputs with the teacher's FPN levels of the same stride, and its detections
+reach ``sigmoid_kd`` / ``l1_giou`` as soft pseudo-labels on the student's anchors.
+
 Checkpoints (``last.pt``, ``best.pt``) hold the plain student ``DetectionModel`` only: they load with plain
 Ultralytics (``yolo predict``, ``yolo export``) where detkd is not installed. The distillation state needed to
 resume (adapter weights, their EMA) goes to ``weights/last.kd.pt`` beside them. Both are written atomically.
@@ -90,6 +95,8 @@ __all__ = [
     "detect_inputs",
     "expand_taps",
     "check_compatible",
+    "check_classes",
+    "num_classes",
     "detect_layer",
     "yolo_gt_boxes",
     "check_teacher_cache",
@@ -124,12 +131,22 @@ def head_kind(model: nn.Module) -> str:
     return "e2e" if getattr(d, "one2one_cv2", None) is not None else "direct"
 
 
-def load_teacher(path: str | Path) -> DetectionModel:
-    """Load a teacher checkpoint as a frozen FP32 Ultralytics detection model, with clear errors."""
+def load_teacher(path: str | Path) -> nn.Module:
+    """Load a teacher checkpoint as a frozen FP32 Ultralytics detection model, with clear errors. A detkd torchvision
+    run's ``last.pt`` / ``best.pt`` gives a cross-family teacher instead
+    (:class:`~detkd.integrations.cross_family.TorchvisionTeacher`)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"teacher: file not found: {p}. Train a teacher first or point 'teacher' at a .pt file")
     check_checkpoint(p, "teacher")  # refuses a pickled payload before anything is unpickled
+    from detkd.integrations import cross_family
+
+    if cross_family.is_torchvision_checkpoint(p):
+        model = cross_family.load_torchvision_teacher(p)
+        model.float().eval()
+        for q in model.parameters():
+            q.requires_grad_(False)
+        return model
     try:
         model, _ = load_checkpoint(str(p))
     except Exception as e:  # torch/pickle/zip errors, Ultralytics format errors
@@ -184,6 +201,9 @@ def build_online_teacher(teacher: str, nc: int, names: Any, ch: int = 3) -> Dete
         model = DetectionModel(str(teacher), nc=nc, ch=ch, verbose=False)
     else:
         model = load_teacher(teacher)
+        if not isinstance(model, DetectionModel):
+            raise ConfigError(f"teacher: {teacher} is a torchvision checkpoint; distill.mode: online trains an "
+                              "Ultralytics teacher (a model yaml or an Ultralytics .pt). Use mode offline")
         if detect_layer(model).nc != nc:
             raise ConfigError(f"teacher: {teacher} predicts {detect_layer(model).nc} classes but the data has {nc}; "
                               "give a model yaml to train it from scratch on this data")
@@ -306,21 +326,35 @@ def _names(model: nn.Module) -> list[str]:
     return list(names or [])
 
 
+def num_classes(model: nn.Module) -> int:
+    """Classes a model predicts: its Detect head's ``nc`` (a cross-family teacher: its own ``nc``)."""
+    if isinstance(getattr(model, "student_model", model), DetectionModel) or getattr(model, "nc", None) is None:
+        return detect_layer(model).nc
+    return int(model.nc)
+
+
+def check_classes(student: nn.Module, teacher: nn.Module, key: str) -> None:
+    """One ConfigError when teacher and student predict other classes (number, or names / order); ``key`` is the
+    ``distill.<key>`` that needs them to agree."""
+    s_nc, t_nc = num_classes(student), num_classes(teacher)
+    if s_nc != t_nc:
+        raise ConfigError(
+            f"distill.{key}: teacher has {t_nc} classes, student {s_nc}; dense logit/box distillation "
+            "needs the same classes. Retrain the teacher on the student's data or disable distill.logits/boxes"
+        )
+    sn, tn = _names(student), _names(teacher)
+    if sn and tn and sn != tn:
+        raise ConfigError(
+            f"distill.{key}: class names/order differ: teacher {tn} vs student {sn}. Train both on the same data yaml"
+        )
+
+
 def check_compatible(student: nn.Module, teacher: nn.Module, cfg: DistillConfig) -> None:
     """Raise one clear ConfigError if a configured signal cannot be used between these two models."""
     s_det, t_det = detect_layer(student), detect_layer(teacher)
     dense = [k for k, v in (("logits", cfg.logits), ("boxes", cfg.boxes)) if v is not None]
     if dense:
-        if s_det.nc != t_det.nc:
-            raise ConfigError(
-                f"distill.{dense[0]}: teacher has {t_det.nc} classes, student {s_det.nc}; dense logit/box distillation "
-                "needs the same classes. Retrain the teacher on the student's data or disable distill.logits/boxes"
-            )
-        sn, tn = _names(student), _names(teacher)
-        if sn and tn and sn != tn:
-            raise ConfigError(
-                f"distill.{dense[0]}: class names/order differ: teacher {tn} vs student {sn}. Train both on the same data yaml"
-            )
+        check_classes(student, teacher, dense[0])
         s_str, t_str = [float(x) for x in s_det.stride], [float(x) for x in t_det.stride]
         if s_str != t_str:
             raise ConfigError(
@@ -477,7 +511,9 @@ def load_kd_settings(source: Any) -> tuple[Path | None, DistillConfig]:
         return (None if t in (None, "") else Path(str(t))), cfg
     p = Path(str(source))
     if p.suffix.lower() == ".pt":
-        return p, load_config(copy.deepcopy(DEFAULT_RECIPE))
+        from detkd.integrations.cross_family import cross_family_recipe
+
+        return p, load_config(cross_family_recipe(p, copy.deepcopy(DEFAULT_RECIPE)))
     if not p.is_file():
         raise ConfigError(f"distill_model: file not found: {p} (expected a detkd YAML or a teacher .pt)")
     try:
@@ -573,11 +609,16 @@ class KDDetectionModel(DistillationModel):
         else:
             if teacher is None:
                 raise ConfigError(f"distill.mode: {self.mode} needs a teacher model")
-            cfg = expand_taps(cfg, student, teacher)
-            check_compatible(student, teacher, cfg)
+            if isinstance(teacher, DetectionModel):
+                cfg = expand_taps(cfg, student, teacher)
+                check_compatible(student, teacher, cfg)
+                t_head = UltralyticsHead(detect_layer(teacher).stride.tolist(), detect_layer(teacher).reg_max)
+            else:  # a torchvision teacher (integrations/cross_family.py): FPN levels by stride, pseudo-labels
+                from detkd.integrations.cross_family import prepare_pair
+
+                cfg, t_head = prepare_pair(student, teacher, cfg, imgsz)
             teacher = teacher.to(device)
             s_head = UltralyticsHead(stride, s_det.reg_max)
-            t_head = UltralyticsHead(detect_layer(teacher).stride.tolist(), detect_layer(teacher).reg_max)
         self.student_model = student
         self.distiller = Distiller(student, teacher, cfg, example_inputs=example, head_extractor=s_head,
                                    teacher_head_extractor=t_head)

@@ -1,7 +1,8 @@
 """Teacher-student gap monitor inside Ultralytics' trainer (used by ``DistillTrainer``).
 
 * At the start of training the teacher is evaluated once on the val split by Ultralytics' own ``DetectionValidator``
-  (same data loader, image size and thresholds as the student's validation). The value is cached under
+  (same data loader, image size and thresholds as the student's validation); a torchvision teacher (cross-family)
+  by detkd's COCO evaluation of its own run (its transform and size, ``<run>/teacher_val/``). The value is cached under
   ``$DETKD_HOME/cache/teacher_map/`` keyed by the teacher's bytes, the data yaml and the validation settings, so
   later runs with the same teacher and data (a sweep's trials, a resume) do not evaluate it again.
 * After each validation, ``kd/teacher_mAP50-95`` and ``kd/gap`` (teacher minus student mAP50-95) join the metrics,
@@ -81,9 +82,13 @@ def teacher_val_map(trainer) -> float:
     for k in ("plots", "save_json", "save_txt", "save_conf", "compile"):
         setattr(args, k, False)
     threads = torch.get_num_threads()  # Ultralytics' select_device resets CPU threads
+    teacher = unwrap_model(trainer.model).teacher_model
     try:
-        v = DetectionValidator(trainer.test_loader, save_dir=trainer.save_dir, args=args)
-        stats = v(model=unwrap_model(trainer.model).teacher_model)
+        if hasattr(teacher, "val_map"):  # a torchvision teacher (cross_family.py): detkd's COCO eval at its own size
+            stats = teacher.val_map(trainer.args.data, Path(trainer.save_dir) / "teacher_val", int(trainer.args.batch))
+        else:
+            v = DetectionValidator(trainer.test_loader, save_dir=trainer.save_dir, args=args)
+            stats = v(model=teacher)
     finally:
         torch.set_num_threads(threads)
     value = float(stats[MAP_KEY])
