@@ -137,3 +137,24 @@ def test_interrupted_stages_resume_from_last_pt(tmp_path, capsys):
     assert "plain: could not resume" in capsys.readouterr().out
     rows = [r.split(",")[0].strip() for r in (runs / "plain" / "results.csv").read_text().splitlines()[1:]]
     assert rows == ["1", "2"] and best.is_file()
+
+
+def test_benchmark_stages_that_need_the_teacher_wait_for_it(tmp_path):
+    """With stages in parallel, every stage that uses the teacher (KD rows, and few_hard, whose data are the
+    teacher's pseudo-labels) names the teacher stage, so it starts only once the teacher has finished."""
+    import importlib.util
+    from pathlib import Path
+
+    from detkd.benchmark import BUDGETS
+    from tests.helpers import rect_dataset
+
+    spec = importlib.util.spec_from_file_location("kd_benchmark",
+                                                  Path(__file__).resolve().parents[1] / "tools" / "kd_benchmark.py")
+    kb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kb)
+    data = rect_dataset(tmp_path / "data", 32, n_train=10, n_val=2)
+    kb._FEW_CTX.update(out=tmp_path, data=data)
+    rows = ["teacher", "baseline", "detkd", "ultralytics", "baseline_2x", *kb.FEW_ROWS]
+    stages = {s.name: s for s in kb.stages_for(rows, [0], BUDGETS["quick"])}
+    uses_teacher = {"detkd_s0", "ultralytics_s0", "few_hard_s0", "few_soft_s0", "few_both_s0"}
+    assert {n for n, s in stages.items() if s.teacher_from == "teacher"} == uses_teacher

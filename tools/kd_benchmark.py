@@ -119,7 +119,9 @@ def _few_stage(row: str, name: str, seed: int, b) -> Stage:
     if row == "few_baseline":
         return Stage(name, "student", b.student, b.student_epochs, seed, data=few["labeled"])
     if row == "few_hard":
-        return Stage(name, "student", b.student, b.student_epochs, seed, data=_pseudo_data(out, data_yaml, b))
+        # teacher_from: its data (the teacher's pseudo-labels) waits for the teacher stage when stages run in parallel
+        return Stage(name, "student", b.student, b.student_epochs, seed, data=_pseudo_data(out, data_yaml, b),
+                     teacher_from="teacher")
     if row == "few_both":
         return Stage(name, "distilled", b.student, b.student_epochs, seed, distill=dict(b.distill),
                      teacher_from="teacher", data=_pseudo_data(out, data_yaml, b))
