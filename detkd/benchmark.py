@@ -84,10 +84,7 @@ def say(prefix: str, msg: str) -> None:
 
 def finished(results_csv: Path, epochs: int) -> bool:
     """True when an earlier run of this stage logged all its epochs (an interrupted one resumes, see train_run)."""
-    if not results_csv.is_file():
-        return False
-    lines = [x for x in results_csv.read_text().splitlines()[1:] if x.strip()]
-    return len(lines) >= epochs
+    return _epochs_logged(results_csv) >= epochs
 
 
 def _seconds(results_csv: Path) -> float | None:
@@ -138,12 +135,17 @@ def train_run(model_cfg: str, data: Path, project: Path, name: str, epochs: int,
         model.train(distill_model=str(ultralytics_teacher), **kw)
     else:
         model.train(**kw)
-    run = Path(model.trainer.save_dir)
+    return _best(Path(model.trainer.save_dir))
+
+
+def _best(run: Path) -> Path:
+    """A finished run's best.pt (last.pt when it has no best)."""
     best = run / "weights" / "best.pt"
     return best if best.exists() else run / "weights" / "last.pt"
 
 
 def _epochs_logged(results_csv: Path) -> int:
+    """Epoch rows in a run's results.csv (0 when there is none)."""
     try:
         return len([x for x in results_csv.read_text().splitlines()[1:] if x.strip()])
     except OSError:
@@ -164,9 +166,7 @@ def _resume(last: Path, threads: int, detkd: bool) -> Path:
         model.train(resume=True, trainer=DistillTrainer)
     else:
         model.train(resume=True)
-    run = Path(model.trainer.save_dir)
-    best = run / "weights" / "best.pt"
-    return best if best.exists() else run / "weights" / "last.pt"
+    return _best(Path(model.trainer.save_dir))
 
 
 def _train_logged(log: Path, *args) -> Path:

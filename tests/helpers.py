@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -75,3 +76,32 @@ def untrained_checkpoint(path: Path, names: dict[int, str], cfg: str = "yolov8n.
     m.model.names = dict(names)
     m.save(str(path))
     return path
+
+
+class StopTraining(Exception):
+    """Raised by :func:`stop_after_first_save`: ends a training as if its process had died there."""
+
+
+def stop_after_first_save(trainer) -> None:
+    """Ultralytics ``on_model_save`` callback: stop the run right after epoch 1's checkpoint is written."""
+    if trainer.epoch == 0:
+        raise StopTraining
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Autouse in a module that imports it: one torch thread (two on a busy 2-core machine are several times slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch):
+    """Autouse in a module that imports it: any torch.hub download fails the test."""
+    def refuse(*a, **k):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)

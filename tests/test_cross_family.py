@@ -24,26 +24,10 @@ from detkd.assets import PICO_YAML  # noqa: E402
 from detkd.errors import ConfigError  # noqa: E402
 from detkd.integrations import cross_family as cf  # noqa: E402
 from detkd.integrations import torchvision as tvkd  # noqa: E402
+from helpers import no_downloads, one_thread  # noqa: E402, F401 (autouse fixtures)
 
 IMG = 64
 NAMES = ["red", "green", "blue"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def no_downloads(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("a download was attempted")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
 
 
 def student(names=NAMES) -> DetectionModel:

@@ -97,7 +97,7 @@ def test_interrupted_stages_resume_from_last_pt(tmp_path, capsys):
 
     from detkd.assets import FEMTO_YAML
     from detkd.benchmark import BUDGETS, train_run
-    from tests.helpers import rect_dataset, untrained_checkpoint
+    from helpers import StopTraining, rect_dataset, stop_after_first_save, untrained_checkpoint
 
     data = rect_dataset(tmp_path / "data", 64, n_train=8, n_val=4)
     b = replace(BUDGETS["quick"], imgsz=64, batch=4)
@@ -105,21 +105,14 @@ def test_interrupted_stages_resume_from_last_pt(tmp_path, capsys):
     kd_yaml = tmp_path / "kd.yaml"
     kd_yaml.write_text(yaml.safe_dump({"teacher": str(teacher), "distill": b.distill}))
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_first_epoch(trainer):
-        if trainer.epoch == 0:
-            raise Killed
-
     runs = tmp_path / "runs"
     for name, kw in (("plain", {}), ("kd", {"distill_yaml": kd_yaml}), ("ul", {"ultralytics_teacher": teacher})):
-        callbacks.default_callbacks["on_model_save"].append(kill_after_first_epoch)
+        callbacks.default_callbacks["on_model_save"].append(stop_after_first_save)
         try:
-            with pytest.raises(Killed):
+            with pytest.raises(StopTraining):
                 train_run(str(FEMTO_YAML), data, runs, name, 2, b, 1, 0, **kw)
         finally:
-            callbacks.default_callbacks["on_model_save"].remove(kill_after_first_epoch)
+            callbacks.default_callbacks["on_model_save"].remove(stop_after_first_save)
         csv = runs / name / "results.csv"
         first = csv.read_text().splitlines()
         assert len(first) == 2  # header + epoch 1
@@ -146,7 +139,7 @@ def test_benchmark_stages_that_need_the_teacher_wait_for_it(tmp_path):
     from pathlib import Path
 
     from detkd.benchmark import BUDGETS
-    from tests.helpers import rect_dataset
+    from helpers import rect_dataset
 
     spec = importlib.util.spec_from_file_location("kd_benchmark",
                                                   Path(__file__).resolve().parents[1] / "tools" / "kd_benchmark.py")

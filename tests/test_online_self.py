@@ -37,7 +37,7 @@ from detkd.distiller.terms import term_keys  # noqa: E402
 from detkd.errors import ConfigError  # noqa: E402
 from detkd.integrations import ultralytics as ul  # noqa: E402
 from detkd.train import _check_keys  # noqa: E402
-from helpers import rect_dataset  # noqa: E402
+from helpers import StopTraining, rect_dataset, stop_after_first_save  # noqa: E402
 
 IMGSZ = 64
 NAMES = {0: "red", 1: "green", 2: "blue"}
@@ -200,16 +200,9 @@ def test_online_train_resume_and_plain_checkpoints(data_yaml, tmp_path):
     kd.write_text(yaml.safe_dump({"teacher": "yolov8n.yaml", "distill": {
         **RECIPE, "mode": "online", "online": {"warmup_epochs": 1, "mutual_weight": 0.5}}}))
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first_save(trainer):
-        if trainer.epoch == 0:
-            raise Stop
-
     m = YOLO(str(PICO_YAML))
     m.add_callback("on_model_save", stop_after_first_save)
-    with pytest.raises(Stop):
+    with pytest.raises(StopTraining):
         m.train(data=str(data_yaml), epochs=2, imgsz=IMGSZ, batch=8, device="cpu", workers=0,
                 trainer=ul.DistillTrainer, distill_model=str(kd), project=str(tmp_path / "runs"), name="online",
                 plots=False, verbose=False, seed=0, amp=False)

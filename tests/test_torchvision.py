@@ -14,6 +14,7 @@ import yaml
 
 from detkd.errors import ConfigError
 from detkd.integrations import torchvision as tvkd
+from helpers import no_downloads, one_thread  # noqa: F401 (autouse fixtures)
 
 IMG = 64
 PAIRS = {  # family: (teacher, student)
@@ -22,23 +23,6 @@ PAIRS = {  # family: (teacher, student)
     "ssd": ("ssdlite320_mobilenet_v3_large", "ssdlite_mobilenet_v3_large"),
     "rcnn": ("fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn"),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads on a busy 2-core machine are several times slower than one
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def no_downloads(monkeypatch):
-    def refuse(*a, **k):
-        raise AssertionError("a download was attempted")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
 
 
 def batch(offset: int):

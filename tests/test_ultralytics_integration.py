@@ -28,7 +28,7 @@ from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 from detkd.assets import PICO_YAML  # noqa: E402
 from detkd.errors import ConfigError  # noqa: E402
 from detkd.integrations import ultralytics as ul  # noqa: E402
-from helpers import rect_dataset, train_tiny_teacher  # noqa: E402
+from helpers import StopTraining, rect_dataset, stop_after_first_save, train_tiny_teacher  # noqa: E402
 
 IMGSZ = 64
 
@@ -150,16 +150,9 @@ def test_train_end_to_end_resume_and_plain_loading(teacher_pt, data_yaml, tmp_pa
     monkeypatch.setattr(socket, "getaddrinfo", deny)
     monkeypatch.setattr(socket, "create_connection", deny)
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_first_save(trainer):
-        if trainer.epoch == 0:
-            raise Stop
-
     m = YOLO(str(PICO_YAML))
     m.add_callback("on_model_save", stop_after_first_save)
-    with pytest.raises(Stop):
+    with pytest.raises(StopTraining):
         m.train(data=str(data_yaml), epochs=2, imgsz=IMGSZ, batch=8, device="cpu", workers=0, trainer=ul.DistillTrainer,
                 distill_model=str(kd), project=str(tmp_path / "runs"), name="kd", plots=False, verbose=False, seed=0,
                 amp=False)
