@@ -116,6 +116,26 @@ class FeatureTapConfig:
 
 
 @dataclass
+class CrossHeadConfig:
+    """CrossKD (``distill.cross_head``; Wang et al., "CrossKD: Cross-Head Knowledge Distillation for Object
+    Detection", CVPR 2024): the student's detection-head inputs, each through an adapter to the teacher's channels,
+    run through the frozen teacher's head; ``distill.logits`` / ``distill.boxes`` (their method, temperature and
+    options, not their weights) compare those outputs with the teacher's own, as the term ``kd_cross`` (``weight``
+    times their sum). Gradients reach the student through the teacher's head, so the student's own head learns from
+    the labels alone; set ``logits.weight`` / ``boxes.weight`` to 0 for CrossKD as published (no direct mimicking).
+
+    ``student`` / ``teacher``: the head inputs, one module name per level, or ``auto`` (an integration's detection
+    head inputs). ``adapter``: ``auto`` (1x1 conv + BN where the channels differ), ``conv``, ``conv_bn``, ``none``.
+    """
+
+    weight: float = 1.0
+    schedule: Schedule | None = None
+    student: list | str = "auto"
+    teacher: list | str = "auto"
+    adapter: str = "auto"
+
+
+@dataclass
 class TeacherRuntimeConfig:
     """How the frozen teacher runs (``distill.teacher_runtime``). The teacher forward dominates the cost of
     distillation; these options make it cheaper without changing the distillation terms beyond float rounding.
@@ -580,6 +600,43 @@ def _tap(d: Any, where: str, src: str) -> FeatureTapConfig:
 _OFF = (None, False, "none")  # a term written as null / false / none is off
 
 
+def _names(v: Any, where: str, src: str) -> list | str:
+    if v == AUTO:
+        return AUTO
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
+        raise ConfigError(f"{src}{where}: give the head inputs as a list of module names (one per level), or auto "
+                          f"(got {v!r})")
+    return list(v)
+
+
+def _cross_head(d: Any, out: Any, where: str, src: str) -> CrossHeadConfig | None:
+    if d in _OFF:
+        return None
+    d = _check_keys({} if d is True else d, CrossHeadConfig, where, src)
+    c = CrossHeadConfig()
+    c.weight = _num(d.get("weight", c.weight), f"{where}.weight", src)
+    c.schedule = _schedule(d.get("schedule"), f"{where}.schedule", src)
+    c.student = _names(d.get("student", c.student), f"{where}.student", src)
+    c.teacher = _names(d.get("teacher", c.teacher), f"{where}.teacher", src)
+    if AUTO not in (c.student, c.teacher) and len(c.student) != len(c.teacher):
+        raise ConfigError(f"{src}{where}: {len(c.student)} student head inputs but {len(c.teacher)} teacher ones; "
+                          "give one pair per level")
+    c.adapter = _choice(d.get("adapter", c.adapter), ADAPTERS, f"{where}.adapter", src, "adapter")
+    return c
+
+
+def _check_cross_head(out: Any, src: str) -> None:
+    if out.logits is None and out.boxes is None:
+        raise ConfigError(f"{src}distill.cross_head compares the teacher head's outputs with distill.logits and/or "
+                          "distill.boxes (their methods); configure at least one (weight 0 turns its direct term off)")
+    if out.mode != "offline":
+        raise ConfigError(f"{src}distill.cross_head: with mode offline only (mode is {out.mode})")
+    rt = out.teacher_runtime
+    if rt.fuse or rt.cache_enabled:
+        raise ConfigError(f"{src}distill.cross_head runs the teacher's head with gradients every step: turn "
+                          "teacher_runtime.fuse and teacher_runtime.cache off")
+
+
 @dataclass
 class DistillConfig:
     """The whole ``distill:`` block. See the module docstring.
@@ -592,6 +649,7 @@ class DistillConfig:
     logits: LogitConfig | None = None
     boxes: BoxConfig | None = None
     features: list[FeatureTapConfig] | str = field(default_factory=list)
+    cross_head: CrossHeadConfig | None = None  # CrossKD; see CrossHeadConfig
     feature_method: str = FeatureTapConfig.method
     feature_weight: float = FeatureTapConfig.weight
     feature_options: dict = field(default_factory=dict)
@@ -625,6 +683,7 @@ class DistillConfig:
             raise ConfigError(f"{src}distill.features: expected a list of taps "
                               f"({{student: name, teacher: name, method: ...}}) or auto, got {feats!r}")
         out.features = AUTO if feats == AUTO else [_tap(f, f"distill.features[{i}]", src) for i, f in enumerate(feats)]
+        out.cross_head = _cross_head(d.get("cross_head"), out, "distill.cross_head", src)
         method = FEATURE_METHODS[_choice(d.get("feature_method", out.feature_method), FEATURE_METHODS,
                                          "distill.feature_method", src, "method")]
         out.feature_method = method.name
@@ -646,6 +705,8 @@ class DistillConfig:
                                   f"remove distill.{key})")
         if out.mode != "offline":
             _check_mode(out, src)
+        if out.cross_head is not None:
+            _check_cross_head(out, src)
         return out._mark_checked()
 
     @property
@@ -678,7 +739,8 @@ class DistillConfig:
 
     @property
     def has_auto_taps(self) -> bool:
-        return self.features == AUTO or any(AUTO in (t.student, t.teacher) for t in self.features)
+        cross = self.cross_head is not None and AUTO in (self.cross_head.student, self.cross_head.teacher)
+        return cross or self.features == AUTO or any(AUTO in (t.student, t.teacher) for t in self.features)
 
     def with_auto_taps(self, student_inputs: list[str], teacher_inputs: list[str]) -> DistillConfig:
         """A copy with ``auto`` resolved from the detection head's inputs of each model (module names, one per level):
@@ -699,14 +761,23 @@ class DistillConfig:
                             raise ConfigError(f"distill.features[{i}].{role}: auto: the {role} has only {len(names)} "
                                               "detection levels; name the module")
                         setattr(tap, role, names[i])
-        return dataclasses.replace(copy.deepcopy(self), features=taps)._mark_checked()
+        cross = copy.deepcopy(self.cross_head)
+        if cross is not None:
+            if cross.student == AUTO:
+                cross.student = list(student_inputs)
+            if cross.teacher == AUTO:
+                cross.teacher = list(teacher_inputs)
+            if len(cross.student) != len(cross.teacher):
+                raise ConfigError(f"distill.cross_head: the student has {len(cross.student)} detection levels, the "
+                                  f"teacher {len(cross.teacher)}; list the head inputs explicitly")
+        return dataclasses.replace(copy.deepcopy(self), features=taps, cross_head=cross)._mark_checked()
 
     def require_module_names(self) -> DistillConfig:
         """``self``, once no tap is ``auto`` (a plain Distiller cannot know a detection head's inputs)."""
         if self.has_auto_taps:
-            raise ConfigError("distill.features: 'auto' taps the detection head's inputs, which only an integration "
-                              "knows (detkd train / DistillTrainer resolve it); with your own loop, list the taps by "
-                              "module name (model.named_modules())")
+            raise ConfigError("distill.features / cross_head: 'auto' taps the detection head's inputs, which only an "
+                              "integration knows (detkd train / DistillTrainer resolve it); with your own loop, list the "
+                              "taps by module name (model.named_modules())")
         return self
 
 

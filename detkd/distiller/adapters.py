@@ -20,7 +20,7 @@ from detkd.distiller.util import call
 from detkd.errors import ConfigError
 from detkd.losses.registry import FEATURE_METHODS
 
-__all__ = ["align", "make_tap", "probe_channels"]
+__all__ = ["align", "make_adapter", "make_tap", "probe_channels"]
 
 
 def probe_channels(student: nn.Module, teacher_runner: Any, taps: list[FeatureTapConfig],
@@ -51,10 +51,7 @@ def make_tap(i: int, tap: FeatureTapConfig, sc: int, tc: int) -> tuple[nn.Module
                           f"channels and the teacher '{tap.teacher}' {tc}; use adapter: auto")
     if tap.adapter in ("conv", "conv_bn") or (tap.adapter == "auto" and needs_conv):
         out_c = sc if method.aligns_channels else tc  # MGD/FGD map channels themselves
-        layers: list[nn.Module] = [nn.Conv2d(sc, out_c, 1, bias=tap.adapter == "conv")]
-        if tap.adapter in ("auto", "conv_bn"):
-            layers.append(nn.BatchNorm2d(out_c))
-        adapter: nn.Module = nn.Sequential(*layers)
+        adapter = _conv(sc, out_c, tap.adapter)
         sc = out_c
     else:
         adapter = nn.Identity()
@@ -63,6 +60,24 @@ def make_tap(i: int, tap: FeatureTapConfig, sc: int, tc: int) -> tuple[nn.Module
     except (TypeError, ValueError) as e:
         raise ConfigError(f"distill.features[{i}].options: {e}") from e
     return adapter, loss
+
+
+def _conv(sc: int, out_c: int, kind: str) -> nn.Module:
+    layers: list[nn.Module] = [nn.Conv2d(sc, out_c, 1, bias=kind == "conv")]
+    if kind in ("auto", "conv_bn"):
+        layers.append(nn.BatchNorm2d(out_c))
+    return nn.Sequential(*layers)
+
+
+def make_adapter(where: str, kind: str, sc: int, tc: int) -> nn.Module:
+    """``sc`` -> ``tc`` channels: a 1x1 conv (+ BN for ``auto`` / ``conv_bn``), Identity for ``none`` or for
+    ``auto`` when the channels agree."""
+    if kind == "none" or (kind == "auto" and sc == tc):
+        if sc != tc:
+            raise ConfigError(f"{where}: adapter 'none' but the student has {sc} channels and the teacher {tc}; "
+                              "use adapter: auto")
+        return nn.Identity()
+    return _conv(sc, tc, kind)
 
 
 def align(adapter: nn.Module, s: Tensor, t: Tensor) -> Tensor:

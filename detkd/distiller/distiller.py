@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from detkd.config import DistillConfig, FeatureTapConfig, load_config
 from detkd.distiller import terms
-from detkd.distiller.adapters import align, make_tap, probe_channels
+from detkd.distiller.adapters import align, make_adapter, make_tap, probe_channels
 from detkd.distiller.dense import DenseOutputs, default_head_extractor, float_outputs, float_tree
 from detkd.distiller.taps import MODEL_OUTPUT, Taps
 from detkd.distiller.teacher import TeacherRunner
@@ -41,8 +41,11 @@ class Distiller(nn.Module):
         head_extractor: ``f(head output) -> DenseOutputs`` for the student (default
             :func:`~detkd.distiller.dense.default_head_extractor`); picklable (a top-level function or object).
         teacher_head_extractor: the same for the teacher (default: ``head_extractor``).
+        teacher_head_fn: ``f(teacher, [feature maps]) -> head output`` (what ``teacher_head_extractor`` takes): runs
+            the teacher's detection head on given inputs, one map per level; needed by ``cross_head`` (CrossKD).
 
-    ``parameters()`` / ``state_dict()`` hold only ``adapters`` and ``feature_losses`` (MGD generators, FGD blocks);
+    ``parameters()`` / ``state_dict()`` hold only ``adapters``, ``feature_losses`` (MGD generators, FGD blocks) and
+    ``cross_adapters`` (``cross_head``);
     ``kd.to(device)`` moves only those. Losses are float32 with autocast off. ``copy.deepcopy`` shares the frozen
     teacher (and its cache) between copies; ``pickle`` includes the teacher (DDP workers need it). Neither carries
     what a step recorded.
@@ -73,6 +76,7 @@ class Distiller(nn.Module):
         teacher_head: str | None = None,
         head_extractor: Callable[[Any], DenseOutputs] | None = None,
         teacher_head_extractor: Callable[[Any], DenseOutputs] | None = None,
+        teacher_head_fn: Callable[[nn.Module, list[Tensor]], Any] | None = None,
     ):
         super().__init__()
         self.cfg = load_config(config).require_module_names()
@@ -87,9 +91,16 @@ class Distiller(nn.Module):
         self.head = head
         self.head_extractor = head_extractor or default_head_extractor
         dense = self.cfg.logits is not None or self.cfg.boxes is not None
-        feats = self.cfg.features
-        self.student_taps = Taps([f.student for f in feats] + ([head or MODEL_OUTPUT] if dense else []), "student")
-        self.teacher_runner = TeacherRunner(teacher, self.cfg.teacher_runtime, [f.teacher for f in feats],
+        feats, cross = self.cfg.features, self.cfg.cross_head
+        if cross is not None and teacher_head_fn is None:
+            raise ConfigError("distill.cross_head runs the teacher's head on the student's features: pass "
+                              "teacher_head_fn= (f(teacher, [maps]) -> head output) to the Distiller")
+        self.teacher_head_fn = teacher_head_fn
+        s_names, t_names = [f.student for f in feats], [f.teacher for f in feats]
+        if cross is not None:
+            s_names, t_names = s_names + list(cross.student), t_names + list(cross.teacher)
+        self.student_taps = Taps(s_names + ([head or MODEL_OUTPUT] if dense else []), "student")
+        self.teacher_runner = TeacherRunner(teacher, self.cfg.teacher_runtime, t_names,
                                             teacher_head if teacher_head is not None else head,
                                             teacher_head_extractor or self.head_extractor, dense, self.mode)
         self.epoch: float = 0.0
@@ -99,7 +110,8 @@ class Distiller(nn.Module):
         self.teacher_runner.taps.check(teacher)
         self.adapters = nn.ModuleDict()
         self.feature_losses = nn.ModuleDict()
-        if feats:
+        self.cross_adapters = nn.ModuleDict()
+        if feats or cross is not None:
             if example_inputs is None:
                 raise ConfigError("feature distillation needs example_inputs= (one batch) to size the adapters")
             self._build(example_inputs)
@@ -113,9 +125,13 @@ class Distiller(nn.Module):
         if t_mode is not None:
             t.eval()  # a probe batch must not move a trained teacher's BatchNorm statistics
         try:
-            channels = probe_channels(s, self.teacher_runner, self.cfg.features, example_inputs)
-            for i, (tap, (sc, tc)) in enumerate(zip(self.cfg.features, channels)):
+            feats, cross = self.cfg.features, self.cfg.cross_head
+            pairs = [] if cross is None else [FeatureTapConfig(a, b) for a, b in zip(cross.student, cross.teacher)]
+            channels = probe_channels(s, self.teacher_runner, list(feats) + pairs, example_inputs)
+            for i, (tap, (sc, tc)) in enumerate(zip(feats, channels)):
                 self.adapters[str(i)], self.feature_losses[str(i)] = make_tap(i, tap, sc, tc)
+            for i, (sc, tc) in enumerate(channels[len(feats):]):
+                self.cross_adapters[str(i)] = make_adapter(f"distill.cross_head (level {i})", cross.adapter, sc, tc)
             p = next(iter(s.parameters()), None)
             if p is not None:
                 self.to(p.device)
@@ -293,7 +309,8 @@ class Distiller(nn.Module):
         if all(m == 0.0 for m in mult.values()):  # stop_epoch (or all weights 0): exact zeros, no teacher
             last.update({k: zero.clone() for k in mult})
             return {**{k: zero.clone() for k in keys}, "kd_total": zero.clone()}
-        if (cfg.features or (runner.wants_dense and teacher_output is None)) and not runner.ran:
+        needs_taps = cfg.features or cfg.cross_head is not None
+        if (needs_taps or (runner.wants_dense and teacher_output is None)) and not runner.ran:
             src = teacher_inputs if teacher_inputs is not None else inputs
             if src is None:
                 raise ConfigError("the Distiller needs the batch inputs to run the teacher: kd(images, ...)")
@@ -310,9 +327,11 @@ class Distiller(nn.Module):
                 if cfg.boxes:
                     out["kd_box"] = terms.head_term("kd_box", BOX_METHODS[cfg.boxes.method], cfg.boxes,
                                                     cfg.boxes.temperature, s, t, box_targets, mult["kd_box"], zero)
+                if cfg.cross_head is not None:
+                    out["kd_cross"] = self._cross(t, box_targets, mult["kd_cross"], zero)
                 if "kd_mutual" in mult:
                     out["kd_mutual"] = self._mutual(s, teacher_output, box_targets, mult, zero)
-                last.update({k: out[k].detach() for k in ("kd_cls", "kd_box", "kd_mutual") if k in out})
+                last.update({k: out[k].detach() for k in ("kd_cls", "kd_box", "kd_cross", "kd_mutual") if k in out})
             if cfg.features:
                 ctx = {"gt_boxes": gt_boxes, "gt_valid": gt_valid, "img_shape": img_shape}
                 out["kd_feat"] = zero
@@ -342,6 +361,31 @@ class Distiller(nn.Module):
             v = v + terms.head_term("kd_box", BOX_METHODS[cfg.boxes.method], cfg.boxes, cfg.boxes.temperature, t, s,
                                     box_targets, mult["kd_box"] * m, zero)
         return v
+
+    def _cross(self, t: DenseOutputs, box_targets: Tensor | None, mult: float, zero: Tensor) -> Tensor:
+        """``cross_head`` (CrossKD): the student's head inputs, each through its adapter (and resized to the
+        teacher's map), through the teacher's head (frozen, with gradients to its inputs); the logit and box methods
+        compare those outputs with the teacher's ``t``, each at multiplier 1, their sum times ``mult``."""
+        if mult == 0.0:
+            return zero
+        cfg, runner = self.cfg, self.teacher_runner
+        maps = []
+        for i, (sn, tn) in enumerate(zip(cfg.cross_head.student, cfg.cross_head.teacher)):
+            if not self.student_taps.has(sn):
+                raise ConfigError(f"cross_head: student tap '{sn}' recorded nothing: run the student inside kd.record()")
+            maps.append(align(self.cross_adapters[str(i)], self.student_taps.tensor(sn).float(), runner.tap(tn)))
+        p = next(iter(self.teacher.parameters()), None)
+        if p is not None and p.dtype != torch.float32:  # a half-precision teacher (teacher_runtime.half, CUDA)
+            maps = [m.to(p.dtype) for m in maps]
+        x = float_outputs(runner.extractor(float_tree(self.teacher_head_fn(self.teacher, maps))), detach=False)
+        v = zero
+        if cfg.logits:
+            v = v + terms.head_term("kd_cross", LOGIT_METHODS[cfg.logits.method], cfg.logits, self.temperature(), x,
+                                    t, box_targets, 1.0, zero)
+        if cfg.boxes:
+            v = v + terms.head_term("kd_cross", BOX_METHODS[cfg.boxes.method], cfg.boxes, cfg.boxes.temperature, x,
+                                    t, box_targets, 1.0, zero)
+        return v * mult
 
     def _device(self) -> torch.device:
         for m in (self, self.student):

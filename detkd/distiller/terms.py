@@ -2,7 +2,8 @@
 computed (an exact zero), and when every multiplier is 0 the Distiller skips the teacher too.
 
 Keys: ``kd_cls`` (logits), ``kd_box`` (boxes), ``kd_feat/<student tap>`` per feature tap (``#i`` appended to a
-repeated tap), summed into ``kd_feat``; ``kd_mutual`` (``mode: online`` with ``online.mutual_weight`` > 0: the
+repeated tap), summed into ``kd_feat``; ``kd_cross`` (``cross_head``: the student's head inputs through the teacher's
+head); ``kd_mutual`` (``mode: online`` with ``online.mutual_weight`` > 0: the
 teacher <- student mirror of the logit and box terms); ``kd_total`` is the sum of the configured terms.
 Before ``cfg.kd_start_epoch`` (``online`` / ``self_distill`` ``warmup_epochs``) every multiplier is 0.
 """
@@ -25,7 +26,7 @@ def term_keys(cfg: DistillConfig) -> list[str]:
     """The configured terms, in the order they are reported."""
     mutual = cfg.mutual_weight > 0 and bool(cfg.logits or cfg.boxes)
     return [k for k, on in (("kd_cls", cfg.logits), ("kd_box", cfg.boxes), ("kd_feat", cfg.features),
-                            ("kd_mutual", mutual)) if on]
+                            ("kd_cross", cfg.cross_head), ("kd_mutual", mutual)) if on]
 
 
 def feature_keys(cfg: DistillConfig) -> list[str]:
@@ -56,6 +57,8 @@ def multipliers(cfg: DistillConfig, epoch: float, total: float | None) -> dict[s
         out["kd_box"] = _mult(cfg, cfg.boxes.schedule, cfg.boxes.weight, epoch, total)
     for key, tap in zip(feature_keys(cfg), cfg.features):
         out[key] = _mult(cfg, tap.schedule, tap.weight, epoch, total)
+    if cfg.cross_head is not None:
+        out["kd_cross"] = _mult(cfg, cfg.cross_head.schedule, cfg.cross_head.weight, epoch, total)
     if "kd_mutual" in term_keys(cfg):  # a factor on the mirrored kd_cls / kd_box multipliers
         out["kd_mutual"] = _mult(cfg, None, cfg.mutual_weight, epoch, total)
     return out

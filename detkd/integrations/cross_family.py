@@ -395,6 +395,9 @@ def prepare_pair(student: nn.Module, teacher: TorchvisionTeacher, cfg: DistillCo
     from detkd.integrations.ultralytics import detect_layer
 
     check_cross_pair(student, teacher, cfg)
+    if cfg.cross_head is not None:
+        raise ConfigError("distill.cross_head runs the student's features through the teacher's YOLO Detect head; a "
+                          "torchvision teacher has none: remove cross_head (or use a YOLO teacher)")
     if cfg.has_auto_taps:
         cfg = cfg.with_auto_taps(*pair_levels(student, teacher, imgsz))
     if imgsz != teacher.imgsz:

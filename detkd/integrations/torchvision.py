@@ -416,6 +416,9 @@ def make_distiller(student: nn.Module, teacher: nn.Module, config: DistillConfig
     :class:`HeadOutputs`, ``features: auto`` as the FPN levels (:func:`auto_taps`), the pair checked
     (:func:`check_pair`). ``example_images``: a few training images (a list of ``(3, H, W)`` or a batch tensor)."""
     cfg = load_config(config)
+    if cfg.cross_head is not None:
+        raise ConfigError("distill.cross_head (CrossKD) is for YOLO pairs (the student's features through the "
+                          "teacher's Detect head); with torchvision detectors, remove it")
     x = transformed(student, example_images)
     check_pair(student, teacher, x, cfg)
     if cfg.has_auto_taps:

@@ -104,7 +104,7 @@ __all__ = [
     "build_online_teacher",
 ]
 
-KD_TERMS = ("kd_cls", "kd_box", "kd_feat", "kd_mutual")
+KD_TERMS = ("kd_cls", "kd_box", "kd_feat", "kd_cross", "kd_mutual")
 TEACHER_ITEM = "t_det"  # mode online: the teacher's own detection loss (sum of its box / cls / dfl items)
 
 
@@ -557,6 +557,13 @@ def write_settings(run_dir: str | Path, teacher: Path | None, cfg: DistillConfig
     return out
 
 
+def yolo_teacher_head(teacher: nn.Module, maps: list[torch.Tensor]) -> dict:
+    """The teacher's Detect head (its one-to-many branch) on ``maps``, one per level: ``{'boxes', 'scores', 'feats'}``
+    as in training mode, whatever the teacher's mode (``distill.cross_head``)."""
+    det = detect_layer(teacher)
+    return det.forward_head(maps, **det.one2many)
+
+
 def detect_inputs(model: nn.Module) -> list[str]:
     """Module names of the layers feeding the Detect head (``Detect.f``), one per level: what ``auto`` taps."""
     return [f"model.{i}" for i in detect_layer(model).f]
@@ -621,7 +628,8 @@ class KDDetectionModel(DistillationModel):
             s_head = UltralyticsHead(stride, s_det.reg_max)
         self.student_model = student
         self.distiller = Distiller(student, teacher, cfg, example_inputs=example, head_extractor=s_head,
-                                   teacher_head_extractor=t_head)
+                                   teacher_head_extractor=t_head,
+                                   teacher_head_fn=yolo_teacher_head if isinstance(teacher, DetectionModel) else None)
         if self.mode == "online":
             self.online_teacher = teacher  # registered: in parameters() (the optimizer) and in train() / to()
         keys = term_keys(self.distiller.cfg)
