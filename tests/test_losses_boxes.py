@@ -383,3 +383,22 @@ def test_bounded_properties():
     with pytest.raises(ValueError):
         bounded_regression_loss(s_bad, t, y[:, :3])
     assert math.isfinite(bounded_regression_loss(s_bad.half(), t.half(), y.half()).item())
+
+
+def test_ld_bins_along_another_dim_match_bins_last():
+    # Ultralytics' raw (N, 4, R, A) layout with the bins along dim 2 (what ld_term passes) equals the bins-last rows
+    s = _randn((2, 4, REG_MAX, 30), 16)
+    t = _randn((2, 4, REG_MAX, 30), 17)
+    w = _rand((2, 4, 30), 18)
+    last = (s.permute(0, 1, 3, 2), t.permute(0, 1, 3, 2))  # (N, 4, A, R)
+    for kw, ref_kw in (({}, {}), ({"avg_factor": 3.0}, {"avg_factor": 3.0}),
+                       ({"reduction": "sum", "bin_reduction": "sum"}, {"reduction": "sum", "bins": "sum"})):
+        out = ld_loss(s, t, 10.0, weight=w, dim=2, **kw)
+        ref = ref_ld(*last, 10.0, weight=w, **ref_kw)
+        _close(out, ref)
+        _close(_grad(out, s), _grad(ref, s))
+    none = ld_loss(s, t, 10.0, weight=w, dim=2, reduction="none")
+    assert none.shape == (2, 4, 30)
+    _close(none, ref_ld(*last, 10.0, weight=w, reduction="none"))
+    with pytest.raises(ValueError, match=r"weight must have shape \(2, 4, 30\)"):
+        ld_loss(s, t, weight=torch.ones(2, 4, REG_MAX), dim=2)

@@ -33,7 +33,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def find_module(model: nn.Module, name: str, role: str) -> nn.Module:
-    mods = dict(unwrap(model).named_modules())
+    model = unwrap(model)
+    try:  # walks the dotted path: every step of a training looks its taps up, named_modules() would visit them all
+        return model.get_submodule(name)
+    except AttributeError:
+        pass
+    mods = dict(model.named_modules())
     if name not in mods:
         close = difflib.get_close_matches(name, [m for m in mods if m], n=3, cutoff=0.5)
         hint = f"; close names: {', '.join(close)}" if close else ""

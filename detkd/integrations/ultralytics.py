@@ -434,6 +434,20 @@ class UltralyticsHead:
         self.levels = tuple(levels) if levels is not None else None
         self.scale = float(scale)
 
+    def _anchors(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``make_anchors`` of these level sizes, made once per sizes / dtype / device (every step asks again)."""
+        if torch.is_inference_mode_enabled():  # inference tensors could not be saved for a later backward
+            return make_anchors(feats, self.stride.to(feats[0].device), 0.5)
+        key = (tuple(f.shape[-2:] for f in feats), feats[0].dtype, feats[0].device)
+        cache = self.__dict__.setdefault("_anchor_cache", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = make_anchors(feats, self.stride.to(feats[0].device), 0.5)
+        return cache[key]
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_anchor_cache"}
+
     def __call__(self, out: Any) -> DenseOutputs:
         if isinstance(out, (tuple, list)):
             out = out[1]
@@ -442,11 +456,12 @@ class UltralyticsHead:
         scores, raw = out["scores"], out["boxes"]
         n, _, a = scores.shape
         cls = scores.transpose(1, 2)
-        anchors, strides = make_anchors(out["feats"], self.stride.to(scores.device), 0.5)  # (A, 2), (A, 1)
+        anchors, strides = self._anchors(out["feats"])  # (A, 2), (A, 1)
         if self.reg_max > 1:
-            dist = raw.view(n, 4, self.reg_max, a).permute(0, 3, 1, 2)  # (N, A, 4, R)
-            proj = torch.arange(self.reg_max, device=raw.device, dtype=dist.dtype)
-            ltrb = dist.softmax(-1) @ proj  # (N, A, 4)
+            bins = raw.view(n, 4, self.reg_max, a)  # the head's own layout: softmax along dim 2 needs no copy
+            dist = bins.permute(0, 3, 1, 2)  # (N, A, 4, R), a view
+            proj = torch.arange(self.reg_max, device=raw.device, dtype=raw.dtype).view(1, 1, -1, 1)
+            ltrb = (bins.softmax(2) * proj).sum(2).transpose(1, 2)  # (N, A, 4)
         else:
             dist = None
             ltrb = raw.view(n, 4, a).transpose(1, 2)

@@ -104,6 +104,7 @@ def ld_loss(
     avg_factor: Optional[Number] = None,
     reduction: str = "mean",
     bin_reduction: str = "mean",
+    dim: int = -1,
 ) -> Tensor:
     """Localization distillation: temperature KL between teacher and student box-side distributions.
 
@@ -147,10 +148,14 @@ def ld_loss(
         student_bins: ``(R, B)`` or any ``(..., B)`` bin logits, bins last.
         teacher_bins: same shape. Detached inside.
         temperature: ``T > 0``. Default 10.0 (mmdet ``T=10``).
-        weight: optional per-row weights, shape ``student_bins.shape[:-1]``.
+        weight: optional per-row weights, shape ``student_bins.shape[:-1]`` (constants: no gradient flows into
+            them, as with mmdet's detached LD weights).
         avg_factor: normaliser for ``"mean"`` (float or 0-d tensor).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
         bin_reduction: ``"mean"`` (default, mmdet) or ``"sum"`` over bins.
+        dim: the bins' dimension (default last). Another one (e.g. 2 of Ultralytics' raw ``(N, 4, R, A)`` layout)
+            avoids a copy and takes the softmax along a strided dimension, which PyTorch's CPU kernels do about twice
+            as fast for ``R = 16`` bins; ``weight`` then has the shape without that dimension.
 
     Returns:
         Scalar loss, or per-row loss for ``reduction="none"``. Zero when student == teacher.
@@ -168,20 +173,24 @@ def ld_loss(
 
     s, t = _upcast(student_bins, teacher_bins.detach())
     t2 = temperature * temperature
-    if weight is None and reduction != "none":
-        # One autograd node; the bin mean, T^2 and the row reduction are applied to the sum (a scalar).
-        total = softmax_kl_sum(s, t, temperature, dim=-1)
-        bins = s.shape[-1]
+    dim = dim % s.dim()
+    rows = s.shape[:dim] + s.shape[dim + 1:]
+    if weight is not None and weight.shape != rows:
+        raise ValueError(f"ld_loss: weight must have shape {tuple(rows)}, got {tuple(weight.shape)}")
+    if reduction != "none":
+        # One autograd node (row weights folded in); the bin mean, T^2 and the row reduction are applied to the sum.
+        total = softmax_kl_sum(s, t, temperature, dim=dim, weight=weight)
+        bins = s.shape[dim]
         scale = t2 / bins if bin_reduction == "mean" else t2
         if reduction == "sum":
             return total * scale
         if avg_factor is not None:
             return total * scale / (avg_factor + _MMDET_AVG_EPS)
         return total * scale / (s.numel() // bins if bins else 0)
-    log_p_s = F.log_softmax(s / temperature, dim=-1)
-    log_p_t = F.log_softmax(t / temperature, dim=-1)
+    log_p_s = F.log_softmax(s / temperature, dim=dim)
+    log_p_t = F.log_softmax(t / temperature, dim=dim)
     kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True)
-    row = kl.mean(-1) if bin_reduction == "mean" else kl.sum(-1)
+    row = kl.mean(dim) if bin_reduction == "mean" else kl.sum(dim)
     row = _apply_row_weight("ld_loss", row * (temperature * temperature), weight)
 
     if reduction == "none":

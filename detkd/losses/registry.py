@@ -281,12 +281,12 @@ def ld_term(s: Any, t: Any, *, temperature: float = 10.0, box_targets: Tensor | 
     if s.box_dist.shape != t.box_dist.shape:
         raise ConfigError(f"distill.boxes.method=ld: student box distributions {tuple(s.box_dist.shape)} vs "
                           f"teacher {tuple(t.box_dist.shape)} (reg_max or anchors differ); use method l1_giou")
-    r = s.box_dist.shape[-1]
-    score = teacher_score(t)
-    w = score.unsqueeze(-1).expand(*score.shape, 4).reshape(-1)
+    score = teacher_score(t)  # (N, A)
+    w = score.unsqueeze(1).expand(score.shape[0], 4, score.shape[1])  # (N, 4, A): each side of an anchor
     options.setdefault("avg_factor", w.sum().clamp(min=1.0))
-    return ld_loss(s.box_dist.reshape(-1, r), t.box_dist.reshape(-1, r), temperature=temperature, weight=w,
-                   **options)
+    # (N, A, 4, R) -> (N, 4, R, A): a view of a YOLO head's raw output, bins along dim 2 (no copy; see ld_loss's dim)
+    return ld_loss(s.box_dist.permute(0, 2, 3, 1), t.box_dist.permute(0, 2, 3, 1), temperature=temperature,
+                   weight=w, dim=2, **options)
 
 
 def l1_giou_term(s: Any, t: Any, *, temperature: float = 1.0, box_targets: Tensor | None = None,
@@ -320,7 +320,7 @@ LOGIT_METHODS: dict[str, HeadMethod] = {
 }
 BOX_METHODS: dict[str, HeadMethod] = {
     "ld": HeadMethod("ld", ld_term, "detkd.losses.boxes:ld_loss",
-                     ("student_bins", "teacher_bins", "temperature", "weight"),
+                     ("student_bins", "teacher_bins", "temperature", "weight", "dim"),
                      "localization distillation on (N, A, 4, R) DFL distributions, teacher-score weighted"),
     "l1_giou": HeadMethod("l1_giou", l1_giou_term, "detkd.losses.boxes:box_kd_loss",
                           ("student_boxes", "teacher_boxes", "teacher_scores", "weight"),
