@@ -609,7 +609,7 @@ def _names(v: Any, where: str, src: str) -> list | str:
     return list(v)
 
 
-def _cross_head(d: Any, out: Any, where: str, src: str) -> CrossHeadConfig | None:
+def _cross_head(d: Any, where: str, src: str) -> CrossHeadConfig | None:
     if d in _OFF:
         return None
     d = _check_keys({} if d is True else d, CrossHeadConfig, where, src)
@@ -683,7 +683,7 @@ class DistillConfig:
             raise ConfigError(f"{src}distill.features: expected a list of taps "
                               f"({{student: name, teacher: name, method: ...}}) or auto, got {feats!r}")
         out.features = AUTO if feats == AUTO else [_tap(f, f"distill.features[{i}]", src) for i, f in enumerate(feats)]
-        out.cross_head = _cross_head(d.get("cross_head"), out, "distill.cross_head", src)
+        out.cross_head = _cross_head(d.get("cross_head"), "distill.cross_head", src)
         method = FEATURE_METHODS[_choice(d.get("feature_method", out.feature_method), FEATURE_METHODS,
                                          "distill.feature_method", src, "method")]
         out.feature_method = method.name

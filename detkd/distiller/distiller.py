@@ -346,20 +346,27 @@ class Distiller(nn.Module):
                 zero: Tensor) -> Tensor:
         """``mode: online``: the logit and box terms mirrored (teacher <- student; the student's outputs detached,
         gradients into the teacher only), each with its own multiplier times ``online.mutual_weight``."""
-        cfg, m = self.cfg, mult["kd_mutual"]
+        m = mult["kd_mutual"]
         if m == 0.0:
             return zero
         runner = self.teacher_runner
         t = (float_outputs(runner.extractor(float_tree(teacher_output)), detach=False) if teacher_output is not None
              else runner.live_dense())
         s = float_outputs(s, detach=True)
-        v = zero
+        return self._head_pair(("kd_cls", "kd_box"), t, s, box_targets, mult.get("kd_cls", 0.0) * m,
+                               mult.get("kd_box", 0.0) * m, zero)  # each used only when its term is configured
+
+    def _head_pair(self, keys: tuple[str, str], s: DenseOutputs, t: DenseOutputs, box_targets: Tensor | None,
+                   m_cls: float, m_box: float, zero: Tensor) -> Tensor:
+        """The configured logit and box methods on ``s`` against ``t`` at multipliers ``m_cls`` / ``m_box``, summed
+        (``keys`` name the two terms in errors)."""
+        cfg, v = self.cfg, zero
         if cfg.logits:
-            v = v + terms.head_term("kd_cls", LOGIT_METHODS[cfg.logits.method], cfg.logits, self.temperature(), t, s,
-                                    box_targets, mult["kd_cls"] * m, zero)
+            v = v + terms.head_term(keys[0], LOGIT_METHODS[cfg.logits.method], cfg.logits, self.temperature(), s, t,
+                                    box_targets, m_cls, zero)
         if cfg.boxes:
-            v = v + terms.head_term("kd_box", BOX_METHODS[cfg.boxes.method], cfg.boxes, cfg.boxes.temperature, t, s,
-                                    box_targets, mult["kd_box"] * m, zero)
+            v = v + terms.head_term(keys[1], BOX_METHODS[cfg.boxes.method], cfg.boxes, cfg.boxes.temperature, s, t,
+                                    box_targets, m_box, zero)
         return v
 
     def _cross(self, t: DenseOutputs, box_targets: Tensor | None, mult: float, zero: Tensor) -> Tensor:
@@ -378,14 +385,7 @@ class Distiller(nn.Module):
         if p is not None and p.dtype != torch.float32:  # a half-precision teacher (teacher_runtime.half, CUDA)
             maps = [m.to(p.dtype) for m in maps]
         x = float_outputs(runner.extractor(float_tree(self.teacher_head_fn(self.teacher, maps))), detach=False)
-        v = zero
-        if cfg.logits:
-            v = v + terms.head_term("kd_cross", LOGIT_METHODS[cfg.logits.method], cfg.logits, self.temperature(), x,
-                                    t, box_targets, 1.0, zero)
-        if cfg.boxes:
-            v = v + terms.head_term("kd_cross", BOX_METHODS[cfg.boxes.method], cfg.boxes, cfg.boxes.temperature, x,
-                                    t, box_targets, 1.0, zero)
-        return v * mult
+        return self._head_pair(("kd_cross", "kd_cross"), x, t, box_targets, 1.0, 1.0, zero) * mult
 
     def _device(self) -> torch.device:
         for m in (self, self.student):

@@ -158,8 +158,8 @@ class TeacherRunner:
         t = self.teacher
         if t is None:
             raise ConfigError("this Distiller has no teacher (it was dropped, e.g. on an EMA copy)")
-        if t.training or any(p.requires_grad for p in t.parameters()):  # eval() walks every module: only when needed
-            self.freeze()
+        if self.mode == "offline" and (t.training or any(p.requires_grad for p in t.parameters())):
+            self.freeze()  # eval() walks every module: only when something unfroze the teacher
         if keys is None or self.cache is None:
             return self._run(t, inputs)
         return self._cached(t, inputs, keys)

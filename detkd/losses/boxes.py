@@ -145,17 +145,17 @@ def ld_loss(
     plus the teacher's entropy term, which is constant in the student (same gradients).
 
     Args:
-        student_bins: ``(R, B)`` or any ``(..., B)`` bin logits, bins last.
+        student_bins: ``(R, B)`` or any ``(..., B)`` bin logits, bins last (or along ``dim``).
         teacher_bins: same shape. Detached inside.
         temperature: ``T > 0``. Default 10.0 (mmdet ``T=10``).
-        weight: optional per-row weights, shape ``student_bins.shape[:-1]`` (constants: no gradient flows into
-            them, as with mmdet's detached LD weights).
+        weight: optional per-row weights, the shape of ``student_bins`` without the bins' dimension (constants: no
+            gradient flows into them, as with mmdet's detached LD weights).
         avg_factor: normaliser for ``"mean"`` (float or 0-d tensor).
         reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
         bin_reduction: ``"mean"`` (default, mmdet) or ``"sum"`` over bins.
         dim: the bins' dimension (default last). Another one (e.g. 2 of Ultralytics' raw ``(N, 4, R, A)`` layout)
             avoids a copy and takes the softmax along a strided dimension, which PyTorch's CPU kernels do about twice
-            as fast for ``R = 16`` bins; ``weight`` then has the shape without that dimension.
+            as fast for ``R = 16`` bins.
 
     Returns:
         Scalar loss, or per-row loss for ``reduction="none"``. Zero when student == teacher.
