@@ -307,3 +307,22 @@ def test_report_from_spec(tmp_path):
     spec.write_text("models:\n  - {role: baseline, name: B, metrics: eval/b/metrics.json, weight: x.pt}\n")
     with pytest.raises(ConfigError, match="weight"):
         report_from_spec(spec)
+
+
+def test_curve_legend_fits_the_figure(tmp_path, monkeypatch):
+    """Five models with long names (the demo's teacher, baseline, distilled and two few-label students): the
+    legend above the learning curves wraps into rows instead of running off both sides of the image."""
+    from detkd.report import plots
+
+    figs = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figs.append(fig) or Path(path))
+    names = ["teacher (yolov8n)", "baseline (yolov8-femto)", "distilled (yolov8-femto)",
+             "10% labels only (yolov8-femto)", "10% labels + teacher pseudo-labels (yolov8-femto)"]
+    logs = [{"data": {"epoch": [1, 2, 3], "metrics/mAP50-95(B)": [0.1, 0.2, 0.3 + i / 10]}, "label": n,
+             "color": f"C{i}", "ls": "-"} for i, n in enumerate(names)]
+    plots.training_curves(tmp_path / "lc.png", logs, ["metrics/mAP50-95(B)", "gap"], ncols=2)
+    fig = figs[0]
+    fig.canvas.draw()
+    box = fig.legends[0].get_window_extent()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, (box, fig.bbox)
+    assert len(fig.legends[0].get_texts()) == 5

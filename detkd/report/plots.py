@@ -52,6 +52,16 @@ def _tidy(ax) -> None:
     ax.tick_params(labelsize=7.5)
 
 
+def _legend_cols(fig, labels: Sequence[str], fontsize: float = 8.5) -> int:
+    """Legend columns that fit the figure's width (one row when they fit, more rows for many / long labels)."""
+    width = [0.55 + 0.0075 * fontsize * len(str(x)) for x in labels]  # inches: marker + text
+    for n in range(len(labels), 1, -1):
+        rows = [width[i::n] for i in range(n)]  # column i holds labels i, i + n, ...
+        if sum(max(c) for c in rows) <= fig.get_figwidth() * 0.95:
+            return n
+    return 1
+
+
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     # no "Software: matplotlib ... https://..." text chunk: the page must carry no links at all
@@ -106,7 +116,8 @@ def pr_curves(path, classes: Sequence[str], rec_thrs: np.ndarray, series: Sequen
         axes[j // ncols][j % ncols].set_visible(False)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside upper center", ncols=len(handles), fontsize=8.5, frameon=False)
+        fig.legend(handles, labels, loc="outside upper center", ncols=_legend_cols(fig, labels), fontsize=8.5,
+                   frameon=False)
     return _save(fig, path)
 
 
@@ -220,5 +231,6 @@ def training_curves(path, logs: Sequence[Mapping], columns: Sequence[str], ncols
         axes[j // ncols][j % ncols].set_visible(False)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside upper center", ncols=len(handles), fontsize=8.5, frameon=False)
+        fig.legend(handles, labels, loc="outside upper center", ncols=_legend_cols(fig, labels), fontsize=8.5,
+                   frameon=False)
     return _save(fig, path)

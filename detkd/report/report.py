@@ -747,7 +747,7 @@ def report_from_spec(spec: PathLike, out_dir: PathLike | None = None) -> dict[st
 def build_report(models: Sequence[ModelEntry], out_dir: PathLike, *, title: str = "detkd report",
                  dataset: str | None = None, notes: str | None = None, imgsz: int | None = None,
                  max_plot_classes: int = 24, bench: Mapping[str, Any] | PathLike | None = None,
-                 smoke: bool = False) -> dict[str, Path]:
+                 smoke: bool = False, headline_extra: str | None = None) -> dict[str, Path]:
     """Write the before/after report for ``models`` into ``out_dir``.
 
     Args:
@@ -765,6 +765,7 @@ def build_report(models: Sequence[ModelEntry], out_dir: PathLike, *, title: str 
             Models without ``latency_ms`` take their PyTorch-eager latency from it (matched by weights path).
         smoke: the models were trained for a smoke test (e.g. `detkd demo --quick`): the headline says its
             numbers mean nothing instead of presenting them as a result.
+        headline_extra: a sentence appended to the headline (e.g. the demo's few-labels result).
 
     Returns:
         ``{"md", "html", "json", <plot key>: png path, ...}``. Missing optional inputs (latency, logs,
@@ -818,6 +819,8 @@ def build_report(models: Sequence[ModelEntry], out_dir: PathLike, *, title: str 
         head["text"] = ("SMOKE TEST (a few epochs on a few frames: these numbers mean nothing; run without --quick "
                         "for a real comparison): " + head["text"])
         head["smoke"] = True
+    if headline_extra:
+        head["text"] += f"; {headline_extra}"
     rows = _per_class(loaded)
     has_delta = _first(loaded, "baseline") is not None and _first(loaded, "distilled") is not None
     figs = _make_plots(loaded, rows, out, max_plot_classes)
