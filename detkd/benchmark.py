@@ -327,6 +327,66 @@ class StageRunner:
         os.replace(tmp, p)
 
 
+FEW_FRACTION = 0.1  # few-label rows: the share of the train frames that keep their labels
+
+
+def few_label_split(out: Path, data_yaml: Path, frac: float = FEW_FRACTION, seed: int = 0) -> dict[str, Path]:
+    """Split the train frames into a labeled ``frac`` and an unlabeled rest (deterministic from ``seed``).
+
+    Writes ``few/labeled.yaml`` (train: the labeled frames listed ``1/frac`` times, so an epoch has the full set's
+    steps; val: the full val split), ``few/labeled_unique.yaml`` (each labeled frame once) and
+    ``few/unlabeled.txt``. Returns their paths.
+    """
+    import random
+
+    import yaml
+
+    few = out / "few"
+    paths = {"labeled": few / "labeled.yaml", "unique": few / "labeled_unique.yaml", "unlabeled": few / "unlabeled.txt"}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    few.mkdir(parents=True, exist_ok=True)
+    d = yaml.safe_load(data_yaml.read_text())
+    root = Path(d["path"])
+    imgs = sorted((root / d["train"]).glob("*.jpg"))
+    keep = set(random.Random(seed).sample(range(len(imgs)), k=max(1, round(frac * len(imgs)))))
+    labeled = [str(p) for i, p in enumerate(imgs) if i in keep]
+    (few / "labeled_x.txt").write_text("\n".join(labeled * max(1, round(1 / frac))) + "\n")
+    (few / "labeled_1.txt").write_text("\n".join(labeled) + "\n")
+    base = {"path": str(root), "val": d["val"], "names": d["names"]}
+    paths["labeled"].write_text(yaml.safe_dump({**base, "train": str(few / "labeled_x.txt")}))
+    paths["unique"].write_text(yaml.safe_dump({**base, "train": str(few / "labeled_1.txt")}))
+    paths["unlabeled"].write_text("\n".join(str(p) for i, p in enumerate(imgs) if i not in keep) + "\n")
+    return paths
+
+
+def pseudo_label_data(out: Path, data_yaml: Path, b: Budget, prefix: str, teacher: str = "teacher"):
+    """A stage's data callable: the real labeled frames of :func:`few_label_split` plus the ``teacher`` stage's
+    pseudo-labels (`detkd pseudo-label`, per-class F1-best thresholds on val) on the unlabeled rest, in
+    ``few/pseudo``. Labelled again when the teacher's weights changed."""
+    def make(runner) -> Path:
+        from detkd.pseudo import pseudo_label
+
+        few = few_label_split(out, data_yaml)
+        dst, weights = out / "few" / "pseudo", Path(runner.weights[teacher])
+        st = weights.stat()
+        stamp = f"{weights} {st.st_size} {st.st_mtime_ns}"
+        marker = dst / ".complete"
+        if not (dst / "data.yaml").exists() or not marker.is_file() or marker.read_text() != stamp:
+            if dst.exists():  # labels of another teacher: start over
+                import shutil
+
+                shutil.rmtree(dst)
+            say(prefix, f"pseudo-labelling the unlabeled {1 - FEW_FRACTION:.0%} of the train frames with the teacher "
+                        f"({weights})")
+            sources = [p for p in few["unlabeled"].read_text().split() if p]
+            pseudo_label(weights, sources, dst, conf="auto", val_data=data_yaml, merge=few["unique"], imgsz=b.imgsz,
+                         progress=False, device="0" if b.device == "cuda" else "cpu")
+            marker.write_text(stamp)
+        return dst / "data.yaml"
+    return make
+
+
 def make_data(out: Path, b: Budget, seed: int, prefix: str) -> Path:
     """Generate (or reuse) the built-in data for budget ``b``; returns data.yaml."""
     from detkd.data.synth import generate

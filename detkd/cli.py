@@ -161,7 +161,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     budget = "quick" if args.quick else "full" if args.full else "default"
     run_demo(args.out, budget=budget, threads=args.threads, seed=args.seed, skip_existing=not args.fresh,
-             jobs=args.jobs)
+             jobs=args.jobs, few_labels=not args.no_few_labels)
     return 0
 
 
@@ -313,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "there are >= 2 threads: the teacher and the baseline train side by side)")
     de.add_argument("--seed", type=int, default=0)
     de.add_argument("--fresh", action="store_true", help="redo every stage even if its output exists")
+    de.add_argument("--no-few-labels", action="store_true",
+                    help="skip the few-labels story (10%% of the frames labeled, the rest unlabeled footage: a "
+                         "student on the 10%% alone and one with the teacher's pseudo-labels on the rest)")
     de.set_defaults(func=_cmd_demo)
 
     da = sub.choices["data"]

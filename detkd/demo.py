@@ -4,6 +4,11 @@ generate data -> train a teacher -> train a baseline student (no distillation) -
 (same seed, same epochs, all three signals) -> evaluate all three (COCO mAP on the held-out test split, and on
 cameras never seen in training) -> CPU latency -> report with learning curves.
 
+Few labels, much footage (on by default; ``few_labels=False`` / ``--no-few-labels`` skips it): the student keeps
+the labels of 10% of the train frames and the other 90% are unlabeled footage. Two more students: the 10% alone,
+and the 10% plus the teacher's pseudo-labels on the 90% (`detkd pseudo-label`: hard-label distillation), both with
+the students' epochs and optimizer steps.
+
 Budgets (`detkd.benchmark.BUDGETS`): ``--quick`` (a smoke test: a few minutes, numbers mean nothing; the test
 suite and CI use it), default (a reduced version of the benchmark regime, ~20 minutes on 2 CPU cores) and
 ``--full`` (the GPU regime: hours on a CPU). Every training stage is reused when it already finished.
@@ -17,7 +22,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from detkd.benchmark import BUDGETS, Stage, StageRunner, finished, make_data, say
+from detkd.benchmark import (BUDGETS, FEW_FRACTION, Stage, StageRunner, few_label_split, finished, make_data,
+                             pseudo_label_data, say)
 
 __all__ = ["run_demo", "BUDGETS", "finished"]
 DISTILL = BUDGETS["default"].distill
@@ -28,7 +34,7 @@ def _say(msg: str) -> None:
 
 
 def run_demo(out: str | Path = "detkd_demo", budget: str = "default", threads: int | None = None, seed: int = 0,
-             skip_existing: bool = True, jobs: int | None = None) -> dict:
+             skip_existing: bool = True, jobs: int | None = None, few_labels: bool = True) -> dict:
     from detkd.integrations.ultralytics_env import ensure_ultralytics_offline
 
     ensure_ultralytics_offline()
@@ -56,19 +62,26 @@ def run_demo(out: str | Path = "detkd_demo", budget: str = "default", threads: i
          + (f" ({jobs} trainings at once)" if jobs > 1 else ""))
     data_yaml = make_data(out / "data", b, seed, "detkd demo")
     stages = [Stage("teacher", "teacher", b.teacher, b.teacher_epochs, seed),
-              Stage("baseline", "student", b.student, b.student_epochs, seed),
-              Stage("distilled", "distilled", b.student, b.student_epochs, seed, distill=b.distill,
-                    teacher_from="teacher")]
+              Stage("baseline", "student", b.student, b.student_epochs, seed)]
+    if few_labels:  # the 10% alone trains beside the teacher; the 10% + pseudo-labels once the teacher has finished
+        few = few_label_split(out, data_yaml, seed=seed)
+        stages.append(Stage("few_baseline", "student", b.student, b.student_epochs, seed, data=few["labeled"]))
+    stages.append(Stage("distilled", "distilled", b.student, b.student_epochs, seed, distill=b.distill,
+                        teacher_from="teacher"))
+    if few_labels:
+        stages.append(Stage("few_pseudo", "student", b.student, b.student_epochs, seed, teacher_from="teacher",
+                            data=pseudo_label_data(out, data_yaml, b, "detkd demo")))
     weights = StageRunner(out, data_yaml, b, max(1, threads // jobs), stages, "detkd demo", jobs=jobs).run()
     logs = {r: out / "runs" / r / "results.csv" for r in weights}
+    roles = [s.name for s in stages]
 
     split = b.report_split
     splits = [split] + (["test_ood"] if b.ood_cameras else [])
-    _say(f"evaluating all three (COCO mAP, pycocotools) on {' and '.join(splits)}")
+    _say(f"evaluating the teacher and the {len(roles) - 1} students (COCO mAP, pycocotools) on {' and '.join(splits)}")
     metrics: dict[str, dict] = {}
     ood: dict[str, float] = {}
     info = {}
-    for role in ("teacher", "baseline", "distilled"):
+    for role in roles:
         metrics[role] = evaluate_model(weights[role], data_yaml, split=split, imgsz=b.imgsz,
                                        out_dir=out / "eval" / role, threads=threads, progress=False)
         if "test_ood" in splits:
@@ -89,13 +102,27 @@ def run_demo(out: str | Path = "detkd_demo", budget: str = "default", threads: i
     _say("writing the report")
     from detkd.report.report import ModelEntry, build_report
 
+    s, k, t = (metrics[r]["AP"] * 100 for r in ("baseline", "distilled", "teacher"))
+    gap = (k - s) / (t - s) * 100 if t > s else float("nan")
     entries = [ModelEntry(role=role, name=f"{role} ({Path(b.teacher if role == 'teacher' else b.student).stem})",
                           metrics=str(out / "eval" / role / "metrics.json"), weights=str(weights[role]),
                           params=info[role]["params"], gflops=info[role]["gflops"],
                           latency_ms=info[role]["latency_ms"], results_csv=str(logs[role]))
                for role in ("teacher", "baseline", "distilled")]
-    s, k, t = (metrics[r]["AP"] * 100 for r in ("baseline", "distilled", "teacher"))
-    gap = (k - s) / (t - s) * 100 if t > s else float("nan")
+    few_line = ""
+    if few_labels:
+        pct = f"{FEW_FRACTION:.0%}"
+        names = {"few_baseline": f"{pct} labels only", "few_pseudo": f"{pct} labels + teacher pseudo-labels"}
+        entries += [ModelEntry(role="other", name=f"{names[r]} ({Path(b.student).stem})",
+                               metrics=str(out / "eval" / r / "metrics.json"), weights=str(weights[r]),
+                               params=info[r]["params"], gflops=info[r]["gflops"], results_csv=str(logs[r]))
+                    for r in names]
+        fb, fp = (metrics[r]["AP"] * 100 for r in names)
+        fg = (fp - fb) / (t - fb) * 100 if t > fb else float("nan")
+        few_line = (f"few labels ({pct} of the train frames labeled, the rest unlabeled footage): student {fb:.1f} -> "
+                    f"{fp:.1f} ({fp - fb:+.1f}) with the teacher's pseudo-labels, gap closed "
+                    f"{'n/a' if fg != fg else f'{fg:.0f}%'}; the student with all labels {s:.1f}"
+                    + (f"; unseen cameras {ood['few_baseline']:.1f} -> {ood['few_pseudo']:.1f}" if ood else ""))
     ood_line = ""
     if ood:
         go = (ood["distilled"] - ood["baseline"]) / (ood["teacher"] - ood["baseline"]) * 100 \
@@ -106,17 +133,18 @@ def run_demo(out: str | Path = "detkd_demo", budget: str = "default", threads: i
     notes = (f"budget '{budget}' ({b.description}): teacher {Path(b.teacher).stem} {b.teacher_epochs} epochs, "
              f"students {Path(b.student).stem} {b.student_epochs} epochs (same data, seed {seed} and augmentation); "
              f"mAP on the '{split}' split, which no training or choice used (Ultralytics picks best.pt on 'val'); "
-             + (f"{ood_line}; " if ood_line else "") + f"{threads} CPU threads, {time.time() - t0:.0f} s end to end")
+             + (f"{ood_line}; " if ood_line else "") + (f"{few_line}; " if few_line else "")
+             + f"{threads} CPU threads, {time.time() - t0:.0f} s end to end")
     paths = build_report(entries, out / "report", title="detkd demo: security-camera detector distillation",
                          dataset=f"built-in security-camera scenes, {b.n_train} train / {b.n_val} val / {b.n_test} "
                                  f"test frames at {b.imgsz} px, seed {seed}",
-                         notes=notes, bench=bres, smoke=smoke)
+                         notes=notes, bench=bres, smoke=smoke, headline_extra=few_line or None)
     ls, lk = info["distilled"]["latency_ms"]["p50"], info["teacher"]["latency_ms"]["p50"]
     q = latency_entry(bres, "distilled student", engine="onnxruntime", precision="int8")
     headline = (("SMOKE TEST, numbers mean nothing: " if smoke else "")
                 + f"student mAP50-95 {s:.1f} -> {k:.1f} ({k - s:+.1f}), teacher {t:.1f}, gap closed "
                 f"{'n/a' if gap != gap else f'{gap:.0f}%'} ({split} split)"
-                + (f"; {ood_line}" if ood_line else "")
+                + (f"; {ood_line}" if ood_line else "") + (f"; {few_line}" if few_line else "")
                 + f"; CPU latency {ls:.1f} ms (student) vs {lk:.1f} ms (teacher)"
                 + (f", {q['p50']:.1f} ms student INT8 ONNX" if q else "") + f", {threads} threads, imgsz {b.imgsz}"
                 + (f" ({NOISY_TEXT})" if bres["noise"]["noisy"] else ""))

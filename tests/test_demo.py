@@ -21,23 +21,40 @@ def test_demo_quick(tmp_path):
     # learning curves of teacher, baseline and distilled on one plot, with the gap per epoch
     lc = next(f for f in rep["plots"] if f["key"] == "learning_curves")
     assert (out / "report" / lc["file"]).is_file() and "gap" in lc["caption"]
-    # a stage line with an ETA per training stage
-    assert r.stdout.count("[detkd demo] stage ") == 3 and "ETA" in r.stdout
-    # 2 threads: teacher and baseline train side by side (1 thread each, output in runs/<stage>.log); the distilled
-    # student starts once the teacher has finished and, alone, gets both threads
+    # a stage line with an ETA per training stage (teacher, baseline, distilled + the two few-label students)
+    assert r.stdout.count("[detkd demo] stage ") == 5 and "ETA" in r.stdout
+    # 2 threads: teacher and baseline train side by side (1 thread each, output in runs/<stage>.log); the students
+    # that need the teacher (distilled; the pseudo-labelled one) start once it has finished
     lines = r.stdout.splitlines()
     at = {k: next(i for i, x in enumerate(lines) if k in x) for k in
-          ("stage 1/3 teacher", "stage 2/3 baseline", "teacher finished", "stage 3/3 distilled")}
-    assert at["stage 1/3 teacher"] < at["stage 2/3 baseline"] < at["teacher finished"] < at["stage 3/3 distilled"]
-    assert "1 threads" in lines[at["stage 1/3 teacher"]] and "2 threads" in lines[at["stage 3/3 distilled"]]
-    for role in ("teacher", "baseline", "distilled"):
+          ("stage 1/5 teacher", "stage 2/5 baseline", "teacher finished", "stage 4/5 distilled",
+           "stage 5/5 few_pseudo", "pseudo-labelling the unlabeled 90%")}
+    assert at["stage 1/5 teacher"] < at["stage 2/5 baseline"] < at["teacher finished"] < at["stage 4/5 distilled"]
+    assert at["teacher finished"] < at["stage 5/5 few_pseudo"] < at["pseudo-labelling the unlabeled 90%"]
+    assert "1 threads" in lines[at["stage 1/5 teacher"]]
+    roles = ("teacher", "baseline", "distilled", "few_baseline", "few_pseudo")
+    for role in roles:
         assert "mAP50-95" in (out / "runs" / f"{role}.log").read_text()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["split"] == "test" and set(summary["ood_AP"]) == {"teacher", "baseline", "distilled"}
-    for role in ("teacher", "baseline", "distilled"):
+    assert summary["split"] == "test" and set(summary["ood_AP"]) == set(roles)
+    # few labels: 6 of the 64 train frames keep their labels (listed 10x), the other 58 get the teacher's labels
+    few = out / "few"
+    labeled = (few / "labeled_1.txt").read_text().split()
+    assert len(labeled) == 6 and (few / "labeled_x.txt").read_text().split() == labeled * 10
+    man = json.loads((few / "pseudo" / "pseudo_manifest.json").read_text())
+    assert man["counts"]["pseudo"] == 58 and man["counts"]["real"] == 6
+    assert man["teacher"]["path"] == str(out / "runs" / "teacher" / "weights" / "best.pt")
+    ap = {r: summary["metrics"][r]["AP"] * 100 for r in ("few_baseline", "few_pseudo", "baseline")}
+    assert (f"few labels (10% of the train frames labeled, the rest unlabeled footage): student "
+            f"{ap['few_baseline']:.1f} -> {ap['few_pseudo']:.1f}") in r.stdout
+    assert f"the student with all labels {ap['baseline']:.1f}" in rep["headline"]["text"]
+    assert {"10% labels only (yolov8-femto)", "10% labels + teacher pseudo-labels (yolov8-femto)"} <= \
+        {x["name"] for x in rep["models"]}
+    for role in roles:
         assert (out / "runs" / role / "weights" / "best.pt").is_file()
         m = json.loads((out / "eval" / role / "metrics.json").read_text())
         assert 0.0 <= m["AP"] <= 1.0 and "per_class" in m
+    for role in ("teacher", "baseline", "distilled"):  # the CPU bench times these three
         assert summary["info"][role]["latency_ms"]["p50"] > 0
     cols = (out / "runs" / "distilled" / "results.csv").read_text().splitlines()[0]
     assert "kd_cls" in cols and "kd_box" in cols and "kd_feat" in cols

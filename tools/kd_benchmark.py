@@ -46,59 +46,13 @@ from detkd.integrations.ultralytics_env import ensure_ultralytics_offline  # noq
 
 ensure_ultralytics_offline()
 
-from detkd.benchmark import BUDGETS, Stage, StageRunner, budget, make_data, say  # noqa: E402
+from detkd.benchmark import (BUDGETS, Stage, StageRunner, budget, few_label_split, make_data,  # noqa: E402
+                             pseudo_label_data, say)
 
 FEATURES = ("fitnet", "cwd", "pkd", "at", "mgd", "fgd")
 DEFAULT_ROWS = ["teacher", "baseline", "ultralytics", "detkd", "baseline_2x"]
 FEW_ROWS = ("few_baseline", "few_hard", "few_soft", "few_both")
-FEW_FRACTION, FEW_RATIO = 0.1, 0.5
-
-
-def few_label_split(out: Path, data_yaml: Path, frac: float = FEW_FRACTION, seed: int = 0) -> dict[str, Path]:
-    """Split the train frames into a labeled ``frac`` and unlabeled rest (deterministic from ``seed``).
-
-    Writes ``few/labeled.yaml`` (train: the labeled frames listed ``1/frac`` times, so an epoch has the full set's
-    steps; val: the full val split), ``few/labeled_unique.yaml`` (each labeled frame once) and
-    ``few/unlabeled.txt``. Returns their paths.
-    """
-    import random
-
-    import yaml
-
-    few = out / "few"
-    paths = {"labeled": few / "labeled.yaml", "unique": few / "labeled_unique.yaml", "unlabeled": few / "unlabeled.txt"}
-    if all(p.exists() for p in paths.values()):
-        return paths
-    few.mkdir(parents=True, exist_ok=True)
-    d = yaml.safe_load(data_yaml.read_text())
-    root = Path(d["path"])
-    imgs = sorted((root / d["train"]).glob("*.jpg"))
-    keep = set(random.Random(seed).sample(range(len(imgs)), k=max(1, round(frac * len(imgs)))))
-    labeled = [str(p) for i, p in enumerate(imgs) if i in keep]
-    (few / "labeled_x.txt").write_text("\n".join(labeled * max(1, round(1 / frac))) + "\n")
-    (few / "labeled_1.txt").write_text("\n".join(labeled) + "\n")
-    base = {"path": str(root), "val": d["val"], "names": d["names"]}
-    paths["labeled"].write_text(yaml.safe_dump({**base, "train": str(few / "labeled_x.txt")}))
-    paths["unique"].write_text(yaml.safe_dump({**base, "train": str(few / "labeled_1.txt")}))
-    paths["unlabeled"].write_text("\n".join(str(p) for i, p in enumerate(imgs) if i not in keep) + "\n")
-    return paths
-
-
-def _pseudo_data(out: Path, data_yaml: Path, b) -> callable:
-    """A stage data callable: the teacher's pseudo-labels on the unlabeled frames merged with the real 10%."""
-    def make(runner) -> Path:
-        from detkd.pseudo import pseudo_label
-
-        few = few_label_split(out, data_yaml)
-        dst = out / "few" / "pseudo"
-        if not (dst / "data.yaml").exists() or not (dst / ".complete").exists():
-            say("kd_benchmark", f"pseudo-labelling the unlabeled 90% with the teacher ({runner.weights['teacher']})")
-            sources = [p for p in few["unlabeled"].read_text().split() if p]
-            pseudo_label(runner.weights["teacher"], sources, dst, conf="auto", val_data=data_yaml, merge=few["unique"],
-                         imgsz=b.imgsz, progress=False)
-            (dst / ".complete").write_text("ok")
-        return dst / "data.yaml"
-    return make
+FEW_RATIO = 0.5
 
 
 def recipes(distill: dict) -> dict[str, dict | None]:
@@ -120,11 +74,11 @@ def _few_stage(row: str, name: str, seed: int, b) -> Stage:
         return Stage(name, "student", b.student, b.student_epochs, seed, data=few["labeled"])
     if row == "few_hard":
         # teacher_from: its data (the teacher's pseudo-labels) waits for the teacher stage when stages run in parallel
-        return Stage(name, "student", b.student, b.student_epochs, seed, data=_pseudo_data(out, data_yaml, b),
+        return Stage(name, "student", b.student, b.student_epochs, seed, data=pseudo_label_data(out, data_yaml, b, "kd_benchmark"),
                      teacher_from="teacher")
     if row == "few_both":
         return Stage(name, "distilled", b.student, b.student_epochs, seed, distill=dict(b.distill),
-                     teacher_from="teacher", data=_pseudo_data(out, data_yaml, b))
+                     teacher_from="teacher", data=pseudo_label_data(out, data_yaml, b, "kd_benchmark"))
     recipe = {**b.distill, "unlabeled": {"source": str(few["unlabeled"]), "ratio": FEW_RATIO}}
     return Stage(name, "distilled_unlabeled", b.student, max(1, round(b.student_epochs * (1 - FEW_RATIO))), seed,
                  distill=recipe, teacher_from="teacher", data=few["labeled"])
@@ -274,18 +228,32 @@ def main() -> None:
 
 
 def _report(out: Path, stages, weights, b, split: str) -> None:
-    """A detkd report (learning curves of teacher / baseline / detkd / baseline_2x, per-class AP) for seed 0."""
+    """detkd reports for seed 0 (learning curves, per-class AP): ``report/`` for teacher / baseline / detkd /
+    baseline_2x / Ultralytics, ``report_few/`` for the few-label rows (the 10%-labels student as the baseline, the
+    first of few_both / few_soft / few_hard as the distilled one, the 100%-labels student beside them)."""
     from detkd.report.report import ModelEntry, build_report
 
-    roles = {"teacher": "teacher", "baseline_s0": "baseline", "detkd_s0": "distilled", "baseline_2x_s0": "other",
-             "ultralytics_s0": "other"}
-    entries = [ModelEntry(role=roles[s.name], name=s.name, metrics=str(out / "eval" / split / s.name / "metrics.json"),
-                          weights=str(weights[s.name]), results_csv=str(out / "runs" / s.name / "results.csv"))
-               for s in stages if s.name in roles]
-    if len(entries) >= 2:
-        p = build_report(entries, out / "report", title="kd_benchmark (seed 0)",
-                         dataset=f"built-in security-camera data, {b.n_train} train frames, {b.imgsz} px; '{split}' split")
-        say("kd_benchmark", f"report: {p.get('html')}")
+    names = {s.name for s in stages}
+    dist_few = next((r for r in ("few_both_s0", "few_soft_s0", "few_hard_s0") if r in names), None)
+    reports = {
+        "report": ("kd_benchmark (seed 0)", {"teacher": "teacher", "baseline_s0": "baseline", "detkd_s0": "distilled",
+                                             "baseline_2x_s0": "other", "ultralytics_s0": "other"}),
+        "report_few": ("kd_benchmark, few labels: 10% labeled + 90% unlabeled footage (seed 0)",
+                       {"teacher": "teacher", "few_baseline_s0": "baseline", "few_hard_s0": "other",
+                        "few_soft_s0": "other", "baseline_s0": "other"}),
+    }
+    reports["report_few"][1][dist_few] = "distilled"
+    for folder, (title, roles) in reports.items():
+        if folder == "report_few" and "few_baseline_s0" not in names:
+            continue
+        entries = [ModelEntry(role=roles[s.name], name=s.name,
+                              metrics=str(out / "eval" / split / s.name / "metrics.json"), weights=str(weights[s.name]),
+                              results_csv=str(out / "runs" / s.name / "results.csv"))
+                   for s in stages if s.name in roles]
+        if len(entries) >= 2 and any(e.role == "baseline" for e in entries):
+            p = build_report(entries, out / folder, title=title, dataset=f"built-in security-camera data, "
+                             f"{b.n_train} train frames, {b.imgsz} px; '{split}' split")
+            say("kd_benchmark", f"report: {p.get('html')}")
 
 
 if __name__ == "__main__":
