@@ -320,9 +320,22 @@ class StageRunner:
                     say(self.prefix, f"  {st.name} finished ({_fmt_s(time.time() - self.t0)} so far)")
 
     def _write_progress(self) -> None:
+        """``progress.json``: every stage of this run, and those another run on the same folder listed (e.g. two
+        ``kd_benchmark.py`` commands with different rows), each with its state on disk now."""
         p = self.out / "progress.json"
-        state = {s.name: {"done": self._done(s), "epochs": s.epochs, "kind": s.kind, "seed": s.seed,
-                          "seconds": _seconds(self._log(s)) if self._done(s) else None} for s in self.stages}
+        try:
+            earlier = json.loads(p.read_text())
+            earlier = earlier if isinstance(earlier, dict) else {}
+        except (OSError, ValueError):
+            earlier = {}
+        for name, st in list(earlier.items()):  # another run's stage: re-read whether it has finished since
+            if isinstance(st, dict) and isinstance(st.get("epochs"), int):
+                log = self.runs / name / "results.csv"
+                done = (self.runs / name / "weights" / "best.pt").exists() and finished(log, st["epochs"])
+                earlier[name] = {**st, "done": done, "seconds": _seconds(log) if done else None}
+        state = {**earlier, **{s.name: {"done": self._done(s), "epochs": s.epochs, "kind": s.kind, "seed": s.seed,
+                                        "seconds": _seconds(self._log(s)) if self._done(s) else None}
+                               for s in self.stages}}
         tmp = p.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, p)

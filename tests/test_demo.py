@@ -168,3 +168,24 @@ def test_benchmark_stages_that_need_the_teacher_wait_for_it(tmp_path):
     stages = {s.name: s for s in kb.stages_for(rows, [0], BUDGETS["quick"])}
     uses_teacher = {"detkd_s0", "ultralytics_s0", "few_hard_s0", "few_soft_s0", "few_both_s0"}
     assert {n for n, s in stages.items() if s.teacher_from == "teacher"} == uses_teacher
+
+
+def test_progress_lists_the_stages_of_every_run_on_the_folder(tmp_path):
+    """Two benchmark commands on one output folder (different rows): progress.json keeps the other run's stages,
+    with their state on disk, instead of listing only the last writer's."""
+    from detkd.benchmark import BUDGETS, Stage, StageRunner
+
+    b = BUDGETS["quick"]
+    a = StageRunner(tmp_path, tmp_path / "data.yaml", b, 1, [Stage("detkd_s0", "distilled", "x.yaml", 3)], "t")
+    a._write_progress()
+    run = tmp_path / "runs" / "detkd_s0"  # the first run's stage finishes while the second run writes
+    (run / "weights").mkdir(parents=True)
+    (run / "weights" / "best.pt").write_bytes(b"x")
+    (run / "results.csv").write_text("epoch,time\n1,1.0\n2,2.0\n3,3.5\n")
+    other = StageRunner(tmp_path, tmp_path / "data.yaml", b, 1, [Stage("ultralytics_s0", "ultralytics", "x.yaml", 3)],
+                        "t")
+    other._write_progress()
+    state = json.loads((tmp_path / "progress.json").read_text())
+    assert set(state) == {"detkd_s0", "ultralytics_s0"}
+    assert state["detkd_s0"]["done"] is True and state["detkd_s0"]["seconds"] == 3.5
+    assert state["ultralytics_s0"]["done"] is False
