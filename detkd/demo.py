@@ -138,7 +138,8 @@ def run_demo(out: str | Path = "detkd_demo", budget: str = "default", threads: i
     paths = build_report(entries, out / "report", title="detkd demo: security-camera detector distillation",
                          dataset=f"built-in security-camera scenes, {b.n_train} train / {b.n_val} val / {b.n_test} "
                                  f"test frames at {b.imgsz} px, seed {seed}",
-                         notes=notes, bench=bres, smoke=smoke, headline_extra=few_line or None)
+                         notes=notes, bench=bres, smoke=smoke, headline_extra=few_line or None,
+                         split=split)
     ls, lk = info["distilled"]["latency_ms"]["p50"], info["teacher"]["latency_ms"]["p50"]
     q = latency_entry(bres, "distilled student", engine="onnxruntime", precision="int8")
     headline = (("SMOKE TEST, numbers mean nothing: " if smoke else "")

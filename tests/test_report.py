@@ -326,3 +326,20 @@ def test_curve_legend_fits_the_figure(tmp_path, monkeypatch):
     box = fig.legends[0].get_window_extent()
     assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, (box, fig.bbox)
     assert len(fig.legends[0].get_texts()) == 5
+
+
+def test_model_table_names_the_split_it_reports(tmp_path, full):
+    """The fine print under the model table names the split the mAP is on (the demo and the benchmark report the
+    test split); it no longer says "validation set" whatever the metrics were computed on."""
+    paths, rep = full
+    import html
+
+    for f in ("md", "html"):
+        text = html.unescape(paths[f].read_text())
+        assert "on the validation set" not in text.split("CPU deployment")[0]
+        assert "COCO box AP on each model's evaluation split" in text
+    assert rep["split"] is None
+    p = build_report(entries(tmp_path), tmp_path / "out", title="t", split="test")
+    for f in ("md", "html"):
+        assert "COCO box AP on the 'test' split" in html.unescape(p[f].read_text())
+    assert json.loads(p["json"].read_text())["split"] == "test"

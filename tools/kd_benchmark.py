@@ -251,8 +251,8 @@ def _report(out: Path, stages, weights, b, split: str) -> None:
                               results_csv=str(out / "runs" / s.name / "results.csv"))
                    for s in stages if s.name in roles]
         if len(entries) >= 2 and any(e.role == "baseline" for e in entries):
-            p = build_report(entries, out / folder, title=title, dataset=f"built-in security-camera data, "
-                             f"{b.n_train} train frames, {b.imgsz} px; '{split}' split")
+            p = build_report(entries, out / folder, title=title, split=split, dataset=f"built-in security-camera "
+                             f"data, {b.n_train} train frames, {b.imgsz} px; '{split}' split")
             say("kd_benchmark", f"report: {p.get('html')}")
 
 

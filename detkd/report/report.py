@@ -481,10 +481,15 @@ def _bench_caption(bench: Mapping[str, Any]) -> str:
             "medians, % of its p50 (rows timed round-robin).")
 
 
-def _markdown(title, head, models, rows, has_delta, figs, setup, bench=None) -> str:
+def _where(split: str | None) -> str:
+    """Which images the models table's mAP is on."""
+    return f"the '{split}' split" if split else "each model's evaluation split (its metrics.json)"
+
+
+def _markdown(title, head, models, rows, has_delta, figs, setup, bench=None, split=None) -> str:
     out = [f"# {title}", "", f"> **{head['text']}**", ""]
     out += ["## Models", "", _md_table(_MODEL_COLS, _model_rows(models), left=2), "",
-            "mAP columns in %, COCO box AP on the validation set. Size: checkpoint file, MB.", ""]  # fmt: skip
+            f"mAP columns in %, COCO box AP on {_where(split)}. Size: checkpoint file, MB.", ""]  # fmt: skip
     if bench:
         from detkd.bench.run import table_rows
 
@@ -607,7 +612,7 @@ def _cards(head: dict, models: Sequence[_Model]) -> str:
         for a, v, s in cards) + "</div>"  # fmt: skip
 
 
-def _html(title, dataset, head, models, rows, has_delta, figs, setup, out: Path, bench=None) -> str:
+def _html(title, dataset, head, models, rows, has_delta, figs, setup, out: Path, bench=None, split=None) -> str:
     parts = [f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
              f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
              f"<title>{_h(title)}</title><style>{_CSS}</style></head><body><main>"]  # fmt: skip
@@ -619,7 +624,7 @@ def _html(title, dataset, head, models, rows, has_delta, figs, setup, out: Path,
 
     parts.append("<section><h2>Models</h2>")
     parts.append(_html_table(_MODEL_COLS, _model_rows(models), left=2, row_cls=[f"role-{m.role}" for m in models]))
-    parts.append('<p class="fine">mAP columns in %, COCO box AP on the validation set; n/a: no ground truth in '
+    parts.append(f'<p class="fine">mAP columns in %, COCO box AP on {_h(_where(split))}; n/a: no ground truth in '
                  "that size range. Size: checkpoint file in MB. Latency: CPU, batch 1, per image.</p></section>")
     if bench:
         from detkd.bench.run import table_rows
@@ -680,6 +685,7 @@ def report_from_spec(spec: PathLike, out_dir: PathLike | None = None) -> dict[st
 
         title: "yolov8s -> yolov8n, CWD"        # optional, like dataset, notes, imgsz
         dataset: "COCO val2017, 5,000 images"
+        split: val                              # optional: the split the metrics are on (named under the table)
         out: report/                            # default: report/ next to the spec
         models:
           - {role: teacher, name: yolov8s, metrics: eval/t/metrics.json, weights: t.pt}
@@ -699,11 +705,11 @@ def report_from_spec(spec: PathLike, out_dir: PathLike | None = None) -> dict[st
         d = yaml.safe_load(spec.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{spec}: not valid YAML ({' '.join(str(e).split())})") from None
-    top = {"title", "dataset", "notes", "imgsz", "out", "models", "max_plot_classes", "bench"}
+    top = {"title", "dataset", "notes", "imgsz", "out", "models", "max_plot_classes", "bench", "split"}
     fields = {"role", "name", "metrics", "weights", "params", "gflops", "latency_ms", "results_csv", "size_mb"}
     expected = ("expected a mapping with a 'models:' list, e.g. 'models: [{role: teacher, name: t, metrics: "
                 "t/metrics.json}, {role: distilled, name: s, metrics: s/metrics.json}]' (optional keys: title, "
-                "dataset, notes, imgsz, out, bench)")
+                "dataset, notes, imgsz, out, bench, split)")
     if isinstance(d, list):
         raise ConfigError(f"{spec}: the spec is a plain YAML list; {expected}. Put the list under 'models:'")
     if not isinstance(d, dict):
@@ -738,7 +744,7 @@ def report_from_spec(spec: PathLike, out_dir: PathLike | None = None) -> dict[st
                                   weights=path(m.get("weights")), params=m.get("params"), gflops=m.get("gflops"),
                                   latency_ms=lat, results_csv=path(m.get("results_csv")), size_mb=m.get("size_mb")))
     out = Path(out_dir) if out_dir is not None else Path(path(d.get("out", "report")))
-    kw = {k: d[k] for k in ("title", "dataset", "notes", "imgsz", "max_plot_classes") if k in d}
+    kw = {k: d[k] for k in ("title", "dataset", "notes", "imgsz", "max_plot_classes", "split") if k in d}
     if d.get("bench") is not None:
         kw["bench"] = path(d["bench"])
     return build_report(entries, out, **kw)
@@ -747,7 +753,7 @@ def report_from_spec(spec: PathLike, out_dir: PathLike | None = None) -> dict[st
 def build_report(models: Sequence[ModelEntry], out_dir: PathLike, *, title: str = "detkd report",
                  dataset: str | None = None, notes: str | None = None, imgsz: int | None = None,
                  max_plot_classes: int = 24, bench: Mapping[str, Any] | PathLike | None = None,
-                 smoke: bool = False, headline_extra: str | None = None) -> dict[str, Path]:
+                 smoke: bool = False, headline_extra: str | None = None, split: str | None = None) -> dict[str, Path]:
     """Write the before/after report for ``models`` into ``out_dir``.
 
     Args:
@@ -766,6 +772,8 @@ def build_report(models: Sequence[ModelEntry], out_dir: PathLike, *, title: str 
         smoke: the models were trained for a smoke test (e.g. `detkd demo --quick`): the headline says its
             numbers mean nothing instead of presenting them as a result.
         headline_extra: a sentence appended to the headline (e.g. the demo's few-labels result).
+        split: the split the models' metrics were computed on (e.g. ``"test"``), named under the model table;
+            without it the table says the mAP is on each model's evaluation split.
 
     Returns:
         ``{"md", "html", "json", <plot key>: png path, ...}``. Missing optional inputs (latency, logs,
@@ -828,10 +836,10 @@ def build_report(models: Sequence[ModelEntry], out_dir: PathLike, *, title: str 
     if missing_logs:
         setup.insert(-1, ("Missing", "training logs not found: " + "; ".join(missing_logs)))
 
-    md = _markdown(title, head, loaded, rows, has_delta, figs, setup, bench)
-    page = _html(title, dataset, head, loaded, rows, has_delta, figs, setup, out, bench)
+    md = _markdown(title, head, loaded, rows, has_delta, figs, setup, bench, split)
+    page = _html(title, dataset, head, loaded, rows, has_delta, figs, setup, out, bench, split)
     report = {
-        "title": title, "dataset": dataset, "notes": notes,
+        "title": title, "dataset": dataset, "notes": notes, "split": split,
         "headline": head,
         "models": [{"name": m.name, "role": m.role, **{k: m.m[k] for k in STAT_NAMES},
                     "params": m.entry.params, "gflops": m.entry.gflops, "size_mb": m.size_mb,
