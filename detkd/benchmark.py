@@ -243,11 +243,16 @@ class StageRunner:
         if sec:
             self.unit.append(sec / (COST[st.kind] * st.epochs))
 
-    def run(self) -> dict[str, Path]:
+    def finished_stages(self) -> dict[str, Path]:
+        """best.pt of every stage that has finished (trains nothing; safe beside a run training the others)."""
         for st in self.stages:  # reused stages calibrate the ETA too
-            if self._done(st):
+            if st.name not in self.weights and self._done(st):
                 self._measure(st)
                 self.weights[st.name] = self.runs / st.name / "weights" / "best.pt"
+        return dict(self.weights)
+
+    def run(self) -> dict[str, Path]:
+        self.finished_stages()
         if self.jobs > 1:
             self._run_parallel()
         else:

@@ -189,3 +189,22 @@ def test_progress_lists_the_stages_of_every_run_on_the_folder(tmp_path):
     assert set(state) == {"detkd_s0", "ultralytics_s0"}
     assert state["detkd_s0"]["done"] is True and state["detkd_s0"]["seconds"] == 3.5
     assert state["ultralytics_s0"]["done"] is False
+
+
+def test_finished_stages_trains_nothing(tmp_path):
+    """`kd_benchmark.py --no-train` (a table while another command trains into the same folder): only stages that
+    logged every epoch are returned; an unfinished one is neither trained nor resumed (its files stay as they are)."""
+    from detkd.benchmark import BUDGETS, Stage, StageRunner
+
+    for name, rows in (("done_s0", 3), ("half_s0", 2)):
+        run = tmp_path / "runs" / name
+        (run / "weights").mkdir(parents=True)
+        (run / "weights" / "best.pt").write_bytes(b"x")
+        (run / "weights" / "last.pt").write_bytes(b"y")
+        (run / "results.csv").write_text("epoch,time\n" + "".join(f"{e},{e}.0\n" for e in range(1, rows + 1)))
+    stages = [Stage("done_s0", "student", "missing.yaml", 3), Stage("half_s0", "distilled", "missing.yaml", 3)]
+    w = StageRunner(tmp_path, tmp_path / "data.yaml", BUDGETS["quick"], 1, stages, "t").finished_stages()
+    assert w == {"done_s0": tmp_path / "runs" / "done_s0" / "weights" / "best.pt"}
+    half = tmp_path / "runs" / "half_s0"
+    assert (half / "results.csv").read_text() == "epoch,time\n1,1.0\n2,2.0\n"
+    assert (half / "weights" / "last.pt").read_bytes() == b"y"

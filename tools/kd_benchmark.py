@@ -28,7 +28,8 @@ training). Learning curves (val mAP per epoch, from results.csv) go to curves.js
   python tools/kd_benchmark.py --budget full --device cuda                                 # GPU regime
 
 Every training is a stage: a finished stage is reused, an interrupted one is trained again, so rerunning the same
-command continues where it stopped. progress.json says which stages are done; each stage prints an ETA.
+command continues where it stopped. progress.json says which stages are done; each stage prints an ETA. While a
+run trains, `--no-train` writes the table of the stages finished so far (it never touches an unfinished stage).
 """
 
 from __future__ import annotations
@@ -176,6 +177,9 @@ def main() -> None:
                     help="stages trained at once, each in its own process (default: 2 on a CPU with >= 2 cores, else 1)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per stage (default: cores / jobs)")
     ap.add_argument("--no-eval", action="store_true", help="train only (evaluate in a later run)")
+    ap.add_argument("--no-train", action="store_true",
+                    help="evaluate and tabulate the stages that have finished, train nothing (safe while another "
+                         "command trains the rest into the same --out)")
     a = ap.parse_args()
     cores = os.cpu_count() or 1
     a.jobs = a.jobs or (2 if a.device == "cpu" and cores >= 2 else 1)
@@ -191,7 +195,15 @@ def main() -> None:
     data_yaml = make_data(out / "data", b, a.data_seed, "kd_benchmark")
     _FEW_CTX.update(out=out, data=data_yaml)
     stages = stages_for(a.rows, a.seeds, b)
-    weights = StageRunner(out, data_yaml, b, a.threads, stages, "kd_benchmark", jobs=a.jobs).run()
+    runner = StageRunner(out, data_yaml, b, a.threads, stages, "kd_benchmark", jobs=a.jobs)
+    if a.no_train:  # e.g. a table of the seeds done so far while another command trains the rest
+        weights = runner.finished_stages()
+        left = [s.name for s in stages if s.name not in weights]
+        if left:
+            say("kd_benchmark", f"--no-train: {len(left)} stage(s) not finished, left out of the table: {' '.join(left)}")
+        stages = [s for s in stages if s.name in weights]
+    else:
+        weights = runner.run()
     if a.no_eval:
         return
     splits = [b.report_split] + (["test_ood"] if b.ood_cameras else [])
