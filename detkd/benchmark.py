@@ -382,20 +382,20 @@ def few_label_split(out: Path, data_yaml: Path, frac: float = FEW_FRACTION, seed
 def pseudo_label_data(out: Path, data_yaml: Path, b: Budget, prefix: str, teacher: str = "teacher"):
     """A stage's data callable: the real labeled frames of :func:`few_label_split` plus the ``teacher`` stage's
     pseudo-labels (`detkd pseudo-label`, per-class F1-best thresholds on val) on the unlabeled rest, in
-    ``few/pseudo``. Labelled again when the teacher's weights changed."""
+    ``few/pseudo_<teacher>``: one folder per teacher checkpoint (path, size, mtime), so a retrained teacher gets new
+    labels and a folder another stage is training on is never rewritten."""
     def make(runner) -> Path:
+        import hashlib
+
         from detkd.pseudo import pseudo_label
 
         few = few_label_split(out, data_yaml)
-        dst, weights = out / "few" / "pseudo", Path(runner.weights[teacher])
+        weights = Path(runner.weights[teacher])
         st = weights.stat()
         stamp = f"{weights} {st.st_size} {st.st_mtime_ns}"
+        dst = out / "few" / f"pseudo_{hashlib.sha1(stamp.encode()).hexdigest()[:10]}"
         marker = dst / ".complete"
         if not (dst / "data.yaml").exists() or not marker.is_file() or marker.read_text() != stamp:
-            if dst.exists():  # labels of another teacher: start over
-                import shutil
-
-                shutil.rmtree(dst)
             say(prefix, f"pseudo-labelling the unlabeled {1 - FEW_FRACTION:.0%} of the train frames with the teacher "
                         f"({weights})")
             sources = [p for p in few["unlabeled"].read_text().split() if p]

@@ -41,7 +41,8 @@ def test_demo_quick(tmp_path):
     few = out / "few"
     labeled = (few / "labeled_1.txt").read_text().split()
     assert len(labeled) == 6 and (few / "labeled_x.txt").read_text().split() == labeled * 10
-    man = json.loads((few / "pseudo" / "pseudo_manifest.json").read_text())
+    (pseudo,) = few.glob("pseudo_*")  # one folder per teacher checkpoint
+    man = json.loads((pseudo / "pseudo_manifest.json").read_text())
     assert man["counts"]["pseudo"] == 58 and man["counts"]["real"] == 6
     assert man["teacher"]["path"] == str(out / "runs" / "teacher" / "weights" / "best.pt")
     ap = {r: summary["metrics"][r]["AP"] * 100 for r in ("few_baseline", "few_pseudo", "baseline")}
@@ -208,3 +209,27 @@ def test_finished_stages_trains_nothing(tmp_path):
     half = tmp_path / "runs" / "half_s0"
     assert (half / "results.csv").read_text() == "epoch,time\n1,1.0\n2,2.0\n"
     assert (half / "weights" / "last.pt").read_bytes() == b"y"
+
+
+def test_pseudo_label_data_never_rewrites_a_folder_in_use(tmp_path):
+    """The few-label stages' pseudo-labels live in one folder per teacher checkpoint: the same teacher reuses its
+    folder, a retrained teacher writes a new one, and the first folder (which a running stage may be reading) keeps
+    its files. (Relabelling in place deleted the images under a stage that was training on them.)"""
+    import os
+    from types import SimpleNamespace
+
+    from detkd.benchmark import BUDGETS, pseudo_label_data
+    from helpers import rect_dataset, untrained_checkpoint
+
+    data = rect_dataset(tmp_path / "data", 32, n_train=10, n_val=2)
+    teacher = untrained_checkpoint(tmp_path / "t.pt", {0: "red", 1: "green", 2: "blue"}, cfg="yolov8n.yaml")
+    runner = SimpleNamespace(weights={"teacher": teacher})
+    make = pseudo_label_data(tmp_path / "out", data, BUDGETS["quick"], "t")
+    first = make(runner)
+    files = sorted(p.name for p in (first.parent / "images" / "train").iterdir())
+    assert len(files) == 10 and make(runner) == first  # the same teacher: reused
+    st = teacher.stat()
+    os.utime(teacher, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # "retrained"
+    second = make(runner)
+    assert second.parent != first.parent and second.is_file()
+    assert sorted(p.name for p in (first.parent / "images" / "train").iterdir()) == files
