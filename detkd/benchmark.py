@@ -362,28 +362,37 @@ def few_label_split(out: Path, data_yaml: Path, frac: float = FEW_FRACTION, seed
 
     few = out / "few"
     paths = {"labeled": few / "labeled.yaml", "unique": few / "labeled_unique.yaml", "unlabeled": few / "unlabeled.txt"}
-    if all(p.exists() for p in paths.values()):
-        return paths
-    few.mkdir(parents=True, exist_ok=True)
     d = yaml.safe_load(data_yaml.read_text())
     root = Path(d["path"])
     imgs = sorted((root / d["train"]).glob("*.jpg"))
+    want = json.dumps({"seed": seed, "frac": frac, "train": [p.name for p in imgs]}, sort_keys=True)
+    marker = few / "split.json"  # the split is made again when the seed, the share or the train frames change
+    if all(p.exists() for p in paths.values()) and marker.is_file() and marker.read_text() == want:
+        return paths
+    few.mkdir(parents=True, exist_ok=True)
+
+    def write(p: Path, text: str) -> None:  # atomic: a stage starting now reads the old file or the new one
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, p)
+
     keep = set(random.Random(seed).sample(range(len(imgs)), k=max(1, round(frac * len(imgs)))))
     labeled = [str(p) for i, p in enumerate(imgs) if i in keep]
-    (few / "labeled_x.txt").write_text("\n".join(labeled * max(1, round(1 / frac))) + "\n")
-    (few / "labeled_1.txt").write_text("\n".join(labeled) + "\n")
+    write(few / "labeled_x.txt", "\n".join(labeled * max(1, round(1 / frac))) + "\n")
+    write(few / "labeled_1.txt", "\n".join(labeled) + "\n")
     base = {"path": str(root), "val": d["val"], "names": d["names"]}
-    paths["labeled"].write_text(yaml.safe_dump({**base, "train": str(few / "labeled_x.txt")}))
-    paths["unique"].write_text(yaml.safe_dump({**base, "train": str(few / "labeled_1.txt")}))
-    paths["unlabeled"].write_text("\n".join(str(p) for i, p in enumerate(imgs) if i not in keep) + "\n")
+    write(paths["labeled"], yaml.safe_dump({**base, "train": str(few / "labeled_x.txt")}))
+    write(paths["unique"], yaml.safe_dump({**base, "train": str(few / "labeled_1.txt")}))
+    write(paths["unlabeled"], "\n".join(str(p) for i, p in enumerate(imgs) if i not in keep) + "\n")
+    write(marker, want)
     return paths
 
 
 def pseudo_label_data(out: Path, data_yaml: Path, b: Budget, prefix: str, teacher: str = "teacher"):
     """A stage's data callable: the real labeled frames of :func:`few_label_split` plus the ``teacher`` stage's
     pseudo-labels (`detkd pseudo-label`, per-class F1-best thresholds on val) on the unlabeled rest, in
-    ``few/pseudo_<teacher>``: one folder per teacher checkpoint (path, size, mtime), so a retrained teacher gets new
-    labels and a folder another stage is training on is never rewritten."""
+    ``few/pseudo_<key>``: one folder per teacher checkpoint (path, size, mtime) and labeled split, so a retrained
+    teacher or another split gets new labels and a folder another stage is training on is never rewritten."""
     def make(runner) -> Path:
         import hashlib
 
@@ -392,7 +401,8 @@ def pseudo_label_data(out: Path, data_yaml: Path, b: Budget, prefix: str, teache
         few = few_label_split(out, data_yaml)
         weights = Path(runner.weights[teacher])
         st = weights.stat()
-        stamp = f"{weights} {st.st_size} {st.st_mtime_ns}"
+        split = hashlib.sha1((out / "few" / "split.json").read_bytes()).hexdigest()[:10]  # which frames are labeled
+        stamp = f"{weights} {st.st_size} {st.st_mtime_ns} split {split}"
         dst = out / "few" / f"pseudo_{hashlib.sha1(stamp.encode()).hexdigest()[:10]}"
         marker = dst / ".complete"
         if not (dst / "data.yaml").exists() or not marker.is_file() or marker.read_text() != stamp:

@@ -233,3 +233,21 @@ def test_pseudo_label_data_never_rewrites_a_folder_in_use(tmp_path):
     second = make(runner)
     assert second.parent != first.parent and second.is_file()
     assert sorted(p.name for p in (first.parent / "images" / "train").iterdir()) == files
+
+
+def test_few_label_split_follows_the_seed(tmp_path):
+    """`detkd demo --seed 1` into a folder that holds seed 0's run gets seed 1's labeled frames, not the old list."""
+    from detkd.benchmark import few_label_split
+    from helpers import rect_dataset
+
+    data = rect_dataset(tmp_path / "data", 32, n_train=20, n_val=2)
+    out = tmp_path / "out"
+    a = few_label_split(out, data, seed=0)["unique"]
+    first = (out / "few" / "labeled_1.txt").read_text()
+    assert len(first.split()) == 2 and few_label_split(out, data, seed=0)["unique"] == a
+    assert (out / "few" / "labeled_1.txt").read_text() == first
+    few_label_split(out, data, seed=1)
+    second = (out / "few" / "labeled_1.txt").read_text()
+    assert second != first and len(second.split()) == 2
+    unl = (out / "few" / "unlabeled.txt").read_text().split()
+    assert len(unl) == 18 and not set(unl) & set(second.split())
