@@ -75,8 +75,8 @@ def _few_stage(row: str, name: str, seed: int, b) -> Stage:
         return Stage(name, "student", b.student, b.student_epochs, seed, data=few["labeled"])
     if row == "few_hard":
         # teacher_from: its data (the teacher's pseudo-labels) waits for the teacher stage when stages run in parallel
-        return Stage(name, "student", b.student, b.student_epochs, seed, data=pseudo_label_data(out, data_yaml, b, "kd_benchmark"),
-                     teacher_from="teacher")
+        return Stage(name, "student", b.student, b.student_epochs, seed, teacher_from="teacher",
+                     data=pseudo_label_data(out, data_yaml, b, "kd_benchmark"))
     if row == "few_both":
         return Stage(name, "distilled", b.student, b.student_epochs, seed, distill=dict(b.distill),
                      teacher_from="teacher", data=pseudo_label_data(out, data_yaml, b, "kd_benchmark"))
