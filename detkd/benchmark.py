@@ -57,10 +57,10 @@ BUDGETS: dict[str, Budget] = {
     # smoke test: every stage runs, the numbers mean nothing (the test suite and CI use it)
     "quick": Budget(64, 24, 96, "yolov8n.yaml", str(FEMTO_YAML), 2, 2, 16, n_test=24, ood_cameras=2, n_test_ood=24,
                     description="smoke test: 2 epochs on 64 frames; the numbers mean nothing"),
-    # `detkd demo`: a reduced version of the benchmark regime, ~15 minutes on 2 quiet CPU cores (by the stages'
-    # epoch times; 22.5 min measured with two other trainings on the cores): the teacher (~6 min) beside the baseline
-    # and the 10%-labels student (~3.5 min each), then the distilled (~5.5 min) and the pseudo-labelled student side
-    # by side, then evaluation and the CPU bench (~2.5 min). Neither curve is flat at these epochs (README "Benchmark").
+    # `detkd demo`: a reduced version of the benchmark regime, 20 min 39 s alone on 2 CPU cores (seed 0): the teacher
+    # (9 min) beside the baseline and the 10%-labels student (5.5 min each), then the distilled (9.5 min) and the
+    # pseudo-labelled student side by side, then evaluation and the CPU bench (~2 min). Neither curve is flat at
+    # these epochs (README "Benchmark").
     "default": Budget(600, 150, 192, "yolov8n.yaml", str(FEMTO_YAML), 20, 30, 16, n_test=150, ood_cameras=2,
                       n_test_ood=150, description="reduced benchmark regime: teacher 20 epochs, students 30"),
     # tools/kd_benchmark.py: teacher + 3 seeds x baseline / Ultralytics / detkd (+ baseline at 2N) on 2 CPU cores,

@@ -10,7 +10,7 @@ and the 10% plus the teacher's pseudo-labels on the 90% (`detkd pseudo-label`: h
 the students' epochs and optimizer steps.
 
 Budgets (`detkd.benchmark.BUDGETS`): ``--quick`` (a smoke test: a few minutes, numbers mean nothing; the test
-suite and CI use it), default (a reduced version of the benchmark regime, ~15-20 minutes on 2 CPU cores) and
+suite and CI use it), default (a reduced version of the benchmark regime, ~20 minutes on 2 CPU cores) and
 ``--full`` (the GPU regime: hours on a CPU). Every training stage is reused when it already finished.
 """
 
