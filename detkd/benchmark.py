@@ -388,9 +388,10 @@ def few_label_split(out: Path, data_yaml: Path, frac: float = FEW_FRACTION, seed
     return paths
 
 
-def pseudo_label_data(out: Path, data_yaml: Path, b: Budget, prefix: str, teacher: str = "teacher"):
+def pseudo_label_data(out: Path, data_yaml: Path, b: Budget, prefix: str, teacher: str = "teacher", seed: int = 0):
     """A stage's data callable: the real labeled frames of :func:`few_label_split` plus the ``teacher`` stage's
-    pseudo-labels (`detkd pseudo-label`, per-class F1-best thresholds on val) on the unlabeled rest, in
+    pseudo-labels (`detkd pseudo-label`, per-class F1-best thresholds on val) on the unlabeled rest (the split of
+    ``seed``), in
     ``few/pseudo_<key>``: one folder per teacher checkpoint (path, size, mtime) and labeled split, so a retrained
     teacher or another split gets new labels and a folder another stage is training on is never rewritten."""
     def make(runner) -> Path:
@@ -398,7 +399,7 @@ def pseudo_label_data(out: Path, data_yaml: Path, b: Budget, prefix: str, teache
 
         from detkd.pseudo import pseudo_label
 
-        few = few_label_split(out, data_yaml)
+        few = few_label_split(out, data_yaml, seed=seed)
         weights = Path(runner.weights[teacher])
         st = weights.stat()
         split = hashlib.sha1((out / "few" / "split.json").read_bytes()).hexdigest()[:10]  # which frames are labeled

@@ -70,7 +70,7 @@ def run_demo(out: str | Path = "detkd_demo", budget: str = "default", threads: i
                         teacher_from="teacher"))
     if few_labels:
         stages.append(Stage("few_pseudo", "student", b.student, b.student_epochs, seed, teacher_from="teacher",
-                            data=pseudo_label_data(out, data_yaml, b, "detkd demo")))
+                            data=pseudo_label_data(out, data_yaml, b, "detkd demo", seed=seed)))
     weights = StageRunner(out, data_yaml, b, max(1, threads // jobs), stages, "detkd demo", jobs=jobs).run()
     logs = {r: out / "runs" / r / "results.csv" for r in weights}
     roles = [s.name for s in stages]

@@ -248,6 +248,19 @@ def test_few_label_split_follows_the_seed(tmp_path):
     assert (out / "few" / "labeled_1.txt").read_text() == first
     few_label_split(out, data, seed=1)
     second = (out / "few" / "labeled_1.txt").read_text()
+    # the pseudo-labelled set of seed 1 merges seed 1's labeled frames (and leaves the split as it is)
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from detkd.benchmark import BUDGETS, pseudo_label_data
+    from helpers import untrained_checkpoint
+
+    t = untrained_checkpoint(tmp_path / "t.pt", {0: "red", 1: "green", 2: "blue"})
+    ds = pseudo_label_data(out, data, BUDGETS["quick"], "t", seed=1)(SimpleNamespace(weights={"teacher": t}))
+    assert (out / "few" / "labeled_1.txt").read_text() == second
+    man = json.loads((ds.parent / "pseudo_manifest.json").read_text())
+    real = {Path(e["source"]).name for e in man["images"] if not e["pseudo"]}
+    assert real == {Path(x).name for x in second.split()}
     assert second != first and len(second.split()) == 2
     unl = (out / "few" / "unlabeled.txt").read_text().split()
     assert len(unl) == 18 and not set(unl) & set(second.split())
