@@ -230,7 +230,10 @@ class StageRunner:
         return self.runs / st.name / "results.csv"
 
     def _done(self, st: Stage) -> bool:
-        return (self.runs / st.name / "weights" / "best.pt").exists() and finished(self._log(st), st.epochs)
+        return self._finished(st.name, st.epochs)
+
+    def _finished(self, name: str, epochs: int) -> bool:
+        return (self.runs / name / "weights" / "best.pt").exists() and finished(self.runs / name / "results.csv", epochs)
 
     def _eta(self, todo: list[Stage]) -> str:
         if not self.unit:
@@ -335,9 +338,8 @@ class StageRunner:
             earlier = {}
         for name, st in list(earlier.items()):  # another run's stage: re-read whether it has finished since
             if isinstance(st, dict) and isinstance(st.get("epochs"), int):
-                log = self.runs / name / "results.csv"
-                done = (self.runs / name / "weights" / "best.pt").exists() and finished(log, st["epochs"])
-                earlier[name] = {**st, "done": done, "seconds": _seconds(log) if done else None}
+                done = self._finished(name, st["epochs"])
+                earlier[name] = {**st, "done": done, "seconds": _seconds(self.runs / name / "results.csv") if done else None}
         state = {**earlier, **{s.name: {"done": self._done(s), "epochs": s.epochs, "kind": s.kind, "seed": s.seed,
                                         "seconds": _seconds(self._log(s)) if self._done(s) else None}
                                for s in self.stages}}
