@@ -233,7 +233,8 @@ class StageRunner:
         return self._finished(st.name, st.epochs)
 
     def _finished(self, name: str, epochs: int) -> bool:
-        return (self.runs / name / "weights" / "best.pt").exists() and finished(self.runs / name / "results.csv", epochs)
+        run = self.runs / name
+        return (run / "weights" / "best.pt").exists() and finished(run / "results.csv", epochs)
 
     def _eta(self, todo: list[Stage]) -> str:
         if not self.unit:
@@ -339,7 +340,8 @@ class StageRunner:
         for name, st in list(earlier.items()):  # another run's stage: re-read whether it has finished since
             if isinstance(st, dict) and isinstance(st.get("epochs"), int):
                 done = self._finished(name, st["epochs"])
-                earlier[name] = {**st, "done": done, "seconds": _seconds(self.runs / name / "results.csv") if done else None}
+                secs = _seconds(self.runs / name / "results.csv") if done else None
+                earlier[name] = {**st, "done": done, "seconds": secs}
         state = {**earlier, **{s.name: {"done": self._done(s), "epochs": s.epochs, "kind": s.kind, "seed": s.seed,
                                         "seconds": _seconds(self._log(s)) if self._done(s) else None}
                                for s in self.stages}}
