@@ -232,16 +232,20 @@ def test_fuse_ultralytics_model_all_conv_bn_and_taps_unchanged():
 # ------------------------------------------------------------------------------------------------------------------
 # options leave the terms and gradients unchanged
 # ------------------------------------------------------------------------------------------------------------------
+OFF = {"fuse": False, "channels_last": False}
+
+
 @pytest.mark.parametrize("rt", [
-    {"inference_mode": True},
-    {"inference_mode": True, "channels_last": True},
-    {"inference_mode": True, "fuse": True},
+    {},  # the defaults: inference_mode, and on the CPU fuse / channels_last auto = on
+    {**OFF, "inference_mode": True},
+    {**OFF, "inference_mode": True, "channels_last": True},
+    {**OFF, "inference_mode": True, "fuse": True},
     {"inference_mode": True, "fuse": True, "channels_last": True},
     {"inference_mode": False, "fuse": True, "channels_last": True},
 ])
 def test_options_give_the_same_terms_and_gradients(models, rt):
     s, t, x = models
-    base = Distiller(s, copy.deepcopy(t), with_runtime(CFG, inference_mode=False), example_inputs=x)
+    base = Distiller(s, copy.deepcopy(t), with_runtime(CFG, inference_mode=False, **OFF), example_inputs=x)
     ref = step(base, x)
     assert all(float(v) > 0 for v in ref[0].values())
     opt_t = copy.deepcopy(t)
@@ -251,10 +255,12 @@ def test_options_give_the_same_terms_and_gradients(models, rt):
     got = step(kd, x)
     assert_same(got, ref)
     assert all(v.dtype == torch.float32 for v in got[0].values())
-    if rt.get("fuse"):
-        assert isinstance(opt_t.stage[1], nn.Identity) and isinstance(opt_t.neck[1], nn.BatchNorm2d)
-    if rt.get("channels_last"):
-        assert opt_t.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    fused, chlast = (rt.get(k, "auto") is not False for k in ("fuse", "channels_last"))
+    assert isinstance(opt_t.stage[1], nn.Identity if fused else nn.BatchNorm2d)
+    assert isinstance(opt_t.neck[1], nn.BatchNorm2d)  # its conv is tapped: never fused
+    assert opt_t.stem.conv.weight.is_contiguous(memory_format=torch.channels_last) is chlast
+    assert isinstance(base.teacher.stage[1], nn.BatchNorm2d)
+    assert base.teacher.stem.conv.weight.is_contiguous()
     assert kd.teacher_forwards == 1
 
 
@@ -420,6 +426,8 @@ def test_config_defaults_parsing_and_roundtrip(tmp_path):
     c = DistillConfig.from_dict({"logits": "kd"})
     assert c.teacher_runtime == TeacherRuntimeConfig() and c.teacher_runtime.inference_mode
     assert not c.teacher_runtime.cache_enabled and c.teacher_runtime.half == "auto"
+    assert (c.teacher_runtime.fuse, c.teacher_runtime.channels_last) == ("auto", "auto")
+    assert DistillConfig.from_dict(c.to_dict()) == c
     rt = DistillConfig.from_dict({"teacher_runtime": {"cache": True, "cache_max_bytes": "512MiB", "fuse": True,
                                                       "half": False, "cache_max_items": 100}}).teacher_runtime
     assert (rt.cache, rt.cache_max_bytes, rt.fuse, rt.half) == ("memory", 512 * 2**20, True, False)
@@ -438,7 +446,8 @@ def test_config_defaults_parsing_and_roundtrip(tmp_path):
 @pytest.mark.parametrize("rt, pattern", [
     ({"half": "yes"}, r"^distill\.teacher_runtime\.half: expected auto, true or false, got 'yes'"),
     ({"inference_mode": "no"}, r"^distill\.teacher_runtime\.inference_mode: expected true or false, got str 'no'"),
-    ({"fuse": 1}, r"^distill\.teacher_runtime\.fuse: expected true or false"),
+    ({"fuse": 1}, r"^distill\.teacher_runtime\.fuse: expected auto, true or false, got int 1"),
+    ({"channels_last": "yes"}, r"^distill\.teacher_runtime\.channels_last: expected auto, true or false, got str"),
     ({"cache": 3}, r"^distill\.teacher_runtime\.cache: expected false, true, memory or a directory path, got int 3"),
     ({"cache": "memroy"}, r"^distill\.teacher_runtime\.cache: 'memroy': did you mean 'memory'\?"),
     ({"cache_max_bytes": "lots"}, r"^distill\.teacher_runtime\.cache_max_bytes: cannot read 'lots' as a size"),
@@ -512,3 +521,82 @@ def test_ultralytics_kd_model_uses_image_files_as_cache_keys(ul):
     no_files = {k: v for k, v in batch.items() if k != "im_file"}  # no keys: no caching, the teacher runs
     model.loss(no_files)
     assert d.teacher_forwards == 2
+
+
+class ReuseNet(nn.Module):
+    """A conv whose output is used twice (``bn(y) + y``): folding the BN into it would change the model's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, 1, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_fuse_auto_leaves_an_unfusable_teacher_unfused_with_a_warning_and_true_raises():
+    x = torch.rand(2, 3, 8, 8)
+    cfg = {"features": [{"student": "bn", "teacher": "bn", "method": "fitnet"}]}
+    t = randomise_bn(ReuseNet()).eval()
+    with pytest.warns(UserWarning, match=r"fuse: auto left the teacher unfused: .*changed the teacher's outputs"):
+        kd = Distiller(ReuseNet().eval(), t, cfg, example_inputs=x)  # the probe forward applies the runtime
+    assert isinstance(t.bn, nn.BatchNorm2d)
+    assert t.conv.weight.is_contiguous(memory_format=torch.channels_last)  # channels_last auto still applies
+    with kd.record():
+        kd.student(x)
+    assert float(kd(x)["kd_total"].detach()) > 0
+    with pytest.raises(ConfigError, match=r"teacher_runtime\.fuse: folding BatchNorm .*changed the teacher's outputs"):
+        Distiller(ReuseNet().eval(), randomise_bn(ReuseNet()).eval(), with_runtime(cfg, fuse=True), example_inputs=x)
+
+
+def test_auto_runtime_leaves_online_and_self_teachers_alone(models):
+    s, t, x = models
+    for mode, teacher in (("online", t), ("self", None)):
+        kd = Distiller(s, teacher, {"mode": mode, "logits": "sigmoid_kd"}, example_inputs=x)
+        kd.teacher_forward(x)
+        m = t if mode == "online" else s
+        assert isinstance(m.stage[1], nn.BatchNorm2d), mode
+        assert m.stem.conv.weight.is_contiguous(), mode
+
+
+def test_ultralytics_teacher_head_runs_raw_and_cross_head_keeps_it_unfused(ul):
+    """detkd's teacher forward skips Detect's eval-mode decode (its output is the raw dict, the flag is back to eval
+    afterwards) and the KD terms equal those of a teacher run with the decode, unfused, contiguous; with cross_head
+    (the teacher head runs with gradients) fuse: auto folds nothing."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+
+    from detkd.assets import PICO_YAML
+
+    def build(seed):
+        torch.manual_seed(seed)
+        m = DetectionModel(str(PICO_YAML), nc=3, verbose=False)
+        m.names, m.args = {0: "a", 1: "b", 2: "c"}, get_cfg()
+        return m
+
+    teacher = randomise_bn(build(1)).eval()
+    recipe = {"logits": {"method": "sigmoid_kd"}, "boxes": {"method": "ld"}, "features": "auto", "feature_method": "cwd"}
+    batch = {"img": torch.rand(2, 3, 64, 64), "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [2.0]]),
+             "bboxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.6, 0.5, 0.3, 0.2]])}
+    terms = {}
+    for name, rt in (("default", {}), ("plain", OFF)):
+        model = ul.KDDetectionModel(build(0), copy.deepcopy(teacher), {**recipe, "teacher_runtime": rt}, imgsz=64)
+        model.train()
+        model.student_model.eval()
+        d = model.distiller
+        det = ul.detect_layer(d.teacher)
+        out = d.teacher_forward(batch["img"])
+        d.reset_step()
+        assert isinstance(out, dict) and {"boxes", "scores", "feats"} <= set(out), name  # no (decoded, raw) tuple
+        assert det.training is False and not any(m.training for m in d.teacher.modules()), name
+        fused = not any(isinstance(m, nn.BatchNorm2d) for m in d.teacher.modules())
+        assert fused is (name == "default"), name
+        _, terms[name] = model.loss(batch)
+    for k in ("kd_cls", "kd_box", "kd_feat"):
+        assert float(terms["plain"][k]) > 0, k
+        torch.testing.assert_close(terms["default"][k], terms["plain"][k], rtol=1e-4, atol=1e-6, msg=k)
+    cross = {"logits": {"method": "sigmoid_kd", "weight": 0}, "boxes": {"method": "ld", "weight": 0}, "cross_head": True}
+    model = ul.KDDetectionModel(build(0), copy.deepcopy(teacher), cross, imgsz=64).train()
+    model.loss(batch)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.distiller.teacher.modules())

@@ -3,22 +3,26 @@
 
 Times (median and p90 of --steps after --warmup; the rows are timed round-robin, one call of each per round):
   student   : a plain student training step (forward, Ultralytics detection loss, backward)
-  teacher   : a teacher forward under torch.inference_mode (what detkd's teacher runtime uses by default; the
-              overhead below would otherwise count inference_mode's saving as a negative cost)
-  detkd     : a detkd distillation step (student + teacher + all configured KD terms, backward)
+  teacher   : a forward of the teacher as the user has it (eval mode, BatchNorm, head decode, contiguous
+              weights) under torch.inference_mode (what detkd's teacher runtime uses by default; the overhead below
+              would otherwise count inference_mode's saving as a negative cost)
+  detkd     : a detkd distillation step (student + teacher + all configured KD terms, backward) with detkd's default
+              teacher_runtime (on CPU: Conv+BN folded, channels-last, no head decode: cheaper than the row above)
   ultra     : Ultralytics' built-in DistillationModel step (feature-only KD), same teacher/student
-and the overhead  detkd - (teacher + student)  as a fraction of a student step (target <= 5%).
+and the overhead  detkd - (teacher + student)  as a fraction of a student step (target <= 5%). With --teacher-opts,
+kd:default - (t:default + student@kd) is the cost of the KD terms alone, beyond detkd's own teacher forward.
 
 With --teacher-opts, also the teacher-cost options (``distill.teacher_runtime``), each row on the same batch and
 thread count, as median seconds and as a ratio to the plain student step. These rows are timed round-robin
 together with a plain student step (student@t, student@kd), so that load changes on a shared machine hit all of
 them alike, and each ratio uses the student timings of its own round:
-  t:no_grad         teacher forward through the Distiller under torch.no_grad (the baseline)
-  t:inference       ... under torch.inference_mode (the default)
+  t:no_grad         teacher forward through the Distiller under torch.no_grad, nothing else (the baseline)
+  t:inference       ... under torch.inference_mode
   t:chlast          inference_mode + channels_last weights and input
   t:fused           inference_mode + Conv+BN folded
   t:fused+chlast    both
   t:half            inference_mode + float16 teacher (CUDA only; skipped with a note on CPU)
+  t:default         detkd's default teacher_runtime (fuse / channels_last: auto)
   kd:default        the detkd step with default teacher settings
   kd:best           the detkd step with the fastest t:* variant
   kd:cached         the detkd step with teacher_runtime.cache (every step a full cache hit: no teacher forward)
@@ -75,13 +79,15 @@ def build(cfg: str, nc: int, imgsz: int) -> DetectionModel:
     return m
 
 
-TEACHER_VARIANTS = {  # teacher_runtime of each t:* row (half: false unless named, so each row isolates one option)
-    "t:no_grad": {"inference_mode": False},
-    "t:inference": {},
-    "t:chlast": {"channels_last": True},
-    "t:fused": {"fuse": True},
+_OFF = {"fuse": False, "channels_last": False}
+TEACHER_VARIANTS = {  # teacher_runtime of each t:* row (half, fuse, channels_last off unless named: one option a row)
+    "t:no_grad": {**_OFF, "inference_mode": False},
+    "t:inference": _OFF,
+    "t:chlast": {**_OFF, "channels_last": True},
+    "t:fused": {**_OFF, "fuse": True},
     "t:fused+chlast": {"fuse": True, "channels_last": True},
-    "t:half": {"half": True},
+    "t:half": {**_OFF, "half": True},
+    "t:default": {"half": "auto"},
 }
 
 
@@ -179,6 +185,7 @@ def main() -> None:
     teacher = build(a.teacher, a.nc, a.imgsz).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    plain = copy.deepcopy(teacher)  # the teacher as the user has it: detkd's runtime changes `teacher` in place
     student = build(a.student, a.nc, a.imgsz).to(device).train()
     kd_model = KDDetectionModel(build(a.student, a.nc, a.imgsz).to(device), teacher, dict(RECIPES[a.recipe]),
                                 imgsz=a.imgsz)
@@ -193,7 +200,7 @@ def main() -> None:
 
     def teacher_fwd():
         with torch.inference_mode(), amp():
-            teacher(batch["img"])
+            plain(batch["img"])
 
     def kd_step_of(model, b):
         def step():
@@ -208,7 +215,7 @@ def main() -> None:
     if not a.no_ultra:
         s2 = build(a.student, a.nc, a.imgsz).to(device)
         s2.args.dis = 6.0
-        ultra = DistillationModel(teacher_model=teacher, student_model=s2).train()
+        ultra = DistillationModel(teacher_model=copy.deepcopy(plain), student_model=s2).train()
 
         def ultra_step():
             ultra.zero_grad(set_to_none=True)
@@ -222,7 +229,7 @@ def main() -> None:
     opt_rows: dict = {}
     notes: dict = {}
     if a.teacher_opts:
-        opt_rows, notes = teacher_opts_rows(a, student_step, student, teacher, batch, kd_step_of, amp, sync)
+        opt_rows, notes = teacher_opts_rows(a, student_step, student, plain, batch, kd_step_of, amp, sync)
     med = {k: statistics.median(v) for k, v in {**rows, **opt_rows}.items()}
     p90 = {k: sorted(v)[int(0.9 * (len(v) - 1))] for k, v in {**rows, **opt_rows}.items()}
     where = f"GPU {torch.cuda.get_device_name(device)}, amp {a.amp}, " if device.type == "cuda" else ""
@@ -255,6 +262,10 @@ def main() -> None:
             base = med["student@t"] if k.startswith(("t:", "student@t")) else med["student@kd"]
             rel = f"{med[k] / med['t:no_grad']:>11.2f}" if k.startswith("t:") else f"{'':>11}"
             print(f"{k:<16}{med[k]:>10.3f}{p90[k]:>10.3f}{med[k] / base:>11.2f}{rel}  {notes.get(k, '')}")
+        if "t:default" in med:
+            terms = med["kd:default"] - med["t:default"] - med["student@kd"]
+            print(f"KD terms alone (kd:default - t:default - student@kd): {terms:+.3f} s = "
+                  f"{100 * terms / med['student@kd']:+.1f}% of a student step")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from typing import Any, Callable, Iterator
 
 import torch
@@ -43,6 +44,9 @@ class Distiller(nn.Module):
         teacher_head_extractor: the same for the teacher (default: ``head_extractor``).
         teacher_head_fn: ``f(teacher, [feature maps]) -> head output`` (what ``teacher_head_extractor`` takes): runs
             the teacher's detection head on given inputs, one map per level; needed by ``cross_head`` (CrossKD).
+        teacher_raw_modules: names of frozen-teacher modules run with their own ``training`` flag set (children in
+            eval mode), for a head whose eval-mode forward adds an inference decode that ``teacher_head_extractor``
+            does not need (the Ultralytics integration names its ``Detect``); only during detkd's teacher forward.
 
     ``parameters()`` / ``state_dict()`` hold only ``adapters``, ``feature_losses`` (MGD generators, FGD blocks) and
     ``cross_adapters`` (``cross_head``);
@@ -77,6 +81,7 @@ class Distiller(nn.Module):
         head_extractor: Callable[[Any], DenseOutputs] | None = None,
         teacher_head_extractor: Callable[[Any], DenseOutputs] | None = None,
         teacher_head_fn: Callable[[nn.Module, list[Tensor]], Any] | None = None,
+        teacher_raw_modules: tuple[str, ...] = (),
     ):
         super().__init__()
         self.cfg = load_config(config).require_module_names()
@@ -100,9 +105,12 @@ class Distiller(nn.Module):
         if cross is not None:
             s_names, t_names = s_names + list(cross.student), t_names + list(cross.teacher)
         self.student_taps = Taps(s_names + ([head or MODEL_OUTPUT] if dense else []), "student")
-        self.teacher_runner = TeacherRunner(teacher, self.cfg.teacher_runtime, t_names,
-                                            teacher_head if teacher_head is not None else head,
-                                            teacher_head_extractor or self.head_extractor, dense, self.mode)
+        rt = self.cfg.teacher_runtime
+        if cross is not None and rt.fuse == "auto":  # the teacher's head runs with gradients on the student's maps
+            rt = dataclasses.replace(rt, fuse=False)
+        self.teacher_runner = TeacherRunner(teacher, rt, t_names, teacher_head if teacher_head is not None else head,
+                                            teacher_head_extractor or self.head_extractor, dense, self.mode,
+                                            raw_modules=teacher_raw_modules)
         self.epoch: float = 0.0
         self.total_epochs: float | None = None
         self.last_terms: dict[str, Tensor] = Transient()

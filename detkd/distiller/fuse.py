@@ -136,9 +136,14 @@ def _fuse(model: nn.Module, example_inputs: Any, cands: list[tuple[nn.Module, st
         eps = torch.finfo(a.dtype).eps if a.is_floating_point() else 0.0
         return max(rtol, 8 * eps) * max(float(a.abs().max()), 1e-6)
 
-    bad = len(new) != len(ref) or any(
-        a.shape != n.shape or float((a.double() - n.double()).abs().max()) > tol(a)
-        for a, n in zip(ref, new) if a.numel())
+    def differs(a: Tensor, n: Tensor) -> bool:
+        if a.shape != n.shape:
+            return True
+        if not a.is_floating_point():  # masks, labels, indices: exactly
+            return not torch.equal(a, n)
+        return float((a.double() - n.double()).abs().max()) > tol(a)
+
+    bad = len(new) != len(ref) or any(differs(a, n) for a, n in zip(ref, new) if a.numel())
     if bad:
         for p, c, b, bn, w, bias in saved:
             conv = getattr(p, c)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -84,6 +85,20 @@ class _Run:
         return _Run, ()
 
 
+@contextlib.contextmanager
+def _raw(model: nn.Module, names: tuple[str, ...]):
+    """Inside: the modules ``names`` of ``model`` have ``training = True`` (their own flag only; their children keep
+    eval mode), so a head whose eval-mode forward adds an inference decode returns its raw outputs."""
+    mods = [model.get_submodule(n) for n in names]
+    for m in mods:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.training = False
+
+
 def _cast_inputs(inputs: Any, dtype: torch.dtype | None, channels_last: bool) -> Any:
     """Floating-point input tensors cast to ``dtype`` (when set); 4-D ones made channels-last (when asked)."""
     if not (dtype is not None or channels_last):
@@ -109,12 +124,18 @@ class TeacherRunner:
         extractor: ``f(head output) -> DenseOutputs``.
         dense: whether logit / box terms need the head's outputs (recorded and cached).
         mode: ``offline`` (frozen teacher), ``online`` (trained by its owner) or ``self`` (the student at 2x).
+        raw_modules: ``offline``: names of teacher modules whose own ``training`` flag is set during the forward
+            (not their children's), for heads whose eval-mode output adds a decode the extractor does not use
+            (Ultralytics' ``Detect``: box decoding, class sigmoid, YOLO26's top-k; ``extractor`` must take the
+            training-mode output). Never left set: any other user of the module sees it in eval mode.
     """
 
     def __init__(self, teacher: nn.Module | None, runtime: TeacherRuntimeConfig, feature_taps: list[str],
-                 head: str | None, extractor: Callable[[Any], DenseOutputs], dense: bool, mode: str = "offline"):
+                 head: str | None, extractor: Callable[[Any], DenseOutputs], dense: bool, mode: str = "offline",
+                 raw_modules: tuple[str, ...] = ()):
         self.runtime = runtime
         self.mode = mode
+        self.raw_modules = tuple(raw_modules)
         self.feature_taps = list(dict.fromkeys(feature_taps))
         self.head, self.extractor, self.wants_dense = head, extractor, dense
         self.taps = Taps(self.feature_taps + ([head] if dense and head else []), "teacher")
@@ -168,12 +189,12 @@ class TeacherRunner:
         if self.mode != "offline":
             return self._run_live(t, inputs)
         rt = self.runtime
-        dtype = self._prepare(t, inputs)
-        x = _cast_inputs(inputs, dtype, rt.channels_last)
+        dtype, channels_last = self._prepare(t, inputs)
+        x = _cast_inputs(inputs, dtype, channels_last)
         grad = torch.inference_mode() if rt.inference_mode else torch.no_grad()
         amp = torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
         self.run = _Run()
-        with grad, amp, self.taps.recording(t):
+        with grad, amp, self.taps.recording(t), _raw(t, getattr(self, "raw_modules", ())):
             out = call(t, x)
         self.run.result, self.run.ran = out, True
         self.forwards += 1
@@ -200,16 +221,21 @@ class TeacherRunner:
             raise ConfigError("no live teacher run this step: call teacher_forward first")
         return float_outputs(self.extractor(float_tree(self.head_output())), detach=False)
 
-    def _prepare(self, t: nn.Module, inputs: Any) -> torch.dtype | None:
+    def _prepare(self, t: nn.Module, inputs: Any) -> tuple[torch.dtype | None, bool]:
         """Apply fuse / half / channels_last to the teacher (each only when not yet done); returns the
-        reduced-precision dtype it runs in on CUDA, or None."""
+        reduced-precision dtype it runs in on CUDA (or None) and whether it runs channels-last."""
         rt = self.runtime
         p = next(iter(t.parameters()), None)
         if p is None:
-            return None
-        if rt.fuse and self._fused != id(t):
+            return None, False
+        if rt.fuse is not False and self._fused != id(t):
             low = p.dtype if p.dtype in (torch.float16, torch.bfloat16) else None  # a teacher already in half
-            fuse_conv_bn(t, _cast_inputs(inputs, low, False), keep=self.taps.names)
+            try:
+                fuse_conv_bn(t, _cast_inputs(inputs, low, False), keep=self.taps.names)
+            except ConfigError as e:
+                if rt.fuse is True:
+                    raise
+                warnings.warn(f"detkd: teacher_runtime.fuse: auto left the teacher unfused: {e}", stacklevel=2)
             self._fused = id(t)
             self.freeze()
         if p.device.type != "cuda":
@@ -221,13 +247,14 @@ class TeacherRunner:
                 t.half()
             elif rt.half == "auto" and torch.is_autocast_enabled("cuda"):
                 t.to(torch.get_autocast_dtype("cuda"))
-        if rt.channels_last:
+        channels_last = rt.channels_last is True or (rt.channels_last == "auto" and p.device.type == "cpu")
+        if channels_last:
             w = next((q for q in t.parameters() if q.dim() == 4), None)
             if w is not None and not w.is_contiguous(memory_format=torch.channels_last):
                 t.to(memory_format=torch.channels_last)
         p = next(iter(t.parameters()))  # as converted
         low = p.dtype in (torch.float16, torch.bfloat16) and p.device.type == "cuda"
-        return p.dtype if low else None
+        return (p.dtype if low else None), channels_last
 
     # -- this step's teacher tensors ------------------------------------------------------------------------------
     @property

@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 import os
-from copy import copy
+from copy import copy, deepcopy
 from pathlib import Path
 
 import torch
@@ -88,7 +88,7 @@ def teacher_val_map(trainer) -> float:
             stats = teacher.val_map(trainer.args.data, Path(trainer.save_dir) / "teacher_val", int(trainer.args.batch))
         else:
             v = DetectionValidator(trainer.test_loader, save_dir=trainer.save_dir, args=args)
-            stats = v(model=teacher)
+            stats = v(model=ultralytics_fusable(teacher))
     finally:
         torch.set_num_threads(threads)
     value = float(stats[MAP_KEY])
@@ -98,6 +98,23 @@ def teacher_val_map(trainer) -> float:
     os.replace(tmp, path)
     LOGGER.info(f"detkd: teacher mAP50-95 {value:.4f} on the val split")
     return value
+
+
+def ultralytics_fusable(model: torch.nn.Module) -> torch.nn.Module:
+    """``model``, or where detkd's ``teacher_runtime.fuse`` folded BatchNorms (an ``nn.Identity`` left under the name
+    ``bn``, so taps still resolve), a copy in Ultralytics' own fused form (``bn`` deleted, ``forward_fuse``): its
+    validator fuses whatever still has a ``bn`` and would fail on the Identity."""
+    def folded(m):
+        return isinstance(getattr(m, "bn", None), torch.nn.Identity) and hasattr(m, "forward_fuse")
+
+    if not any(folded(m) for m in model.modules()):
+        return model
+    model = deepcopy(model)
+    for m in model.modules():
+        if folded(m):
+            delattr(m, "bn")
+            m.forward = m.forward_fuse
+    return model
 
 
 class TrainerGapMonitor:
