@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from detkd.assets import FEMTO_YAML
 from detkd.integrations.recipes import DEFAULT_RECIPE
@@ -218,9 +218,12 @@ class StageRunner:
     """Runs stages in order, reusing finished ones, with a progress line and an ETA; writes ``progress.json``."""
 
     def __init__(self, out: Path, data_yaml: Path, b: Budget, threads: int, stages: list[Stage], prefix: str,
-                 jobs: int = 1):
+                 jobs: int = 1, idle_work: Callable[[str, Path], None] | None = None):
         self.out, self.data, self.b, self.threads, self.stages, self.prefix = out, data_yaml, b, threads, stages, prefix
         self.jobs = max(1, int(jobs))  # > 1: that many stages at once, each in its own process with `threads`
+        # jobs > 1: idle_work(name, weights) runs here, on `threads` threads, for each stage finished in this run, while
+        # a job slot would otherwise stay empty (no stage left to start); e.g. evaluate it while the last one trains
+        self.idle_work, self._idle_queue = idle_work, []
         self.runs = out / "runs"
         self.weights: dict[str, Path] = {}
         self.t0 = time.time()
@@ -314,6 +317,12 @@ class StageRunner:
                     running[ex.submit(_train_logged, log, *args)] = st
                     say(self.prefix, f"  {st.name} runs in the background; its output: {log}")
                     pending.remove(st)
+                startable = any(not s.teacher_from or s.teacher_from in self.weights for s in pending)
+                idle = running and len(running) < self.jobs and not any(f.done() for f in running)
+                if self._idle_queue and idle and not startable:
+                    name = self._idle_queue.pop(0)
+                    self.idle_work(name, self.weights[name])
+                    continue
                 finished_now, _ = wait(list(running), return_when=FIRST_COMPLETED)
                 for fut in finished_now:
                     st = running.pop(fut)
@@ -327,6 +336,8 @@ class StageRunner:
                     self._measure(st)
                     self._write_progress()
                     say(self.prefix, f"  {st.name} finished ({_fmt_s(time.time() - self.t0)} so far)")
+                    if self.idle_work is not None:
+                        self._idle_queue.append(st.name)
 
     def _write_progress(self) -> None:
         """``progress.json``: every stage of this run, and those another run on the same folder listed (e.g. two

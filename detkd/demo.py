@@ -71,24 +71,33 @@ def run_demo(out: str | Path = "detkd_demo", budget: str = "default", threads: i
     if few_labels:
         stages.append(Stage("few_pseudo", "student", b.student, b.student_epochs, seed, teacher_from="teacher",
                             data=pseudo_label_data(out, data_yaml, b, "detkd demo", seed=seed)))
-    weights = StageRunner(out, data_yaml, b, max(1, threads // jobs), stages, "detkd demo", jobs=jobs).run()
-    logs = {r: out / "runs" / r / "results.csv" for r in weights}
-    roles = [s.name for s in stages]
-
     split = b.report_split
     splits = [split] + (["test_ood"] if b.ood_cameras else [])
-    _say(f"evaluating the teacher and the {len(roles) - 1} students (COCO mAP, pycocotools) on {' and '.join(splits)}")
     metrics: dict[str, dict] = {}
     ood: dict[str, float] = {}
     info = {}
-    for role in roles:
-        metrics[role] = evaluate_model(weights[role], data_yaml, split=split, imgsz=b.imgsz,
-                                       out_dir=out / "eval" / role, threads=threads, progress=False)
+
+    def evaluate(role: str, w: Path, n_threads: int) -> None:
+        metrics[role] = evaluate_model(w, data_yaml, split=split, imgsz=b.imgsz, out_dir=out / "eval" / role,
+                                       threads=n_threads, progress=False)
         if "test_ood" in splits:
-            ood[role] = evaluate_model(weights[role], data_yaml, split="test_ood", imgsz=b.imgsz,
-                                       out_dir=out / "eval_ood" / role, threads=threads, progress=False,
-                                       voc=False)["AP"] * 100
-        info[role] = model_info(weights[role], b.imgsz)
+            ood[role] = evaluate_model(w, data_yaml, split="test_ood", imgsz=b.imgsz, out_dir=out / "eval_ood" / role,
+                                       threads=n_threads, progress=False, voc=False)["AP"] * 100
+        info[role] = model_info(w, b.imgsz)
+
+    def evaluate_early(role: str, w: Path) -> None:  # a core that no stage is left to use: evaluate what finished
+        _say(f"  evaluating {role} on {' and '.join(splits)} while the last training runs")
+        evaluate(role, w, max(1, threads // jobs))
+
+    weights = StageRunner(out, data_yaml, b, max(1, threads // jobs), stages, "detkd demo", jobs=jobs,
+                          idle_work=evaluate_early).run()
+    logs = {r: out / "runs" / r / "results.csv" for r in weights}
+    roles = [s.name for s in stages]
+    left = [r for r in roles if r not in metrics]
+    if left:
+        _say(f"evaluating {', '.join(left)} (COCO mAP, pycocotools) on {' and '.join(splits)}")
+    for role in left:
+        evaluate(role, weights[role], threads)
     _say(f"CPU inference of teacher, baseline and distilled student, timed round-robin: PyTorch eager vs ONNX "
          f"Runtime FP32 / INT8 ({threads} threads, imgsz {b.imgsz})")
     bres = bench([weights["teacher"], weights["baseline"], weights["distilled"]],

@@ -32,6 +32,10 @@ def test_demo_quick(tmp_path):
     assert at["stage 1/5 teacher"] < at["stage 2/5 baseline"] < at["teacher finished"] < at["stage 4/5 distilled"]
     assert at["teacher finished"] < at["stage 5/5 few_pseudo"] < at["pseudo-labelling the unlabeled 90%"]
     assert "1 threads" in lines[at["stage 1/5 teacher"]]
+    # a core that no stage is left to use evaluates the stages finished so far while the last one trains
+    early = [x for x in lines if "while the last training runs" in x]
+    last_finish = max(i for i, x in enumerate(lines) if x.endswith("so far)") and " finished (" in x)
+    assert early and all(lines.index(x) < last_finish for x in early)
     roles = ("teacher", "baseline", "distilled", "few_baseline", "few_pseudo")
     for role in roles:
         assert "mAP50-95" in (out / "runs" / f"{role}.log").read_text()
