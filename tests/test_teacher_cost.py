@@ -179,17 +179,20 @@ def test_fuse_conv_bn_formula_outputs_names_and_skips():
     assert fuse_conv_bn(t, x) == 1 and isinstance(t.neck[1], nn.Identity)  # untapped: now fused too
 
 
+class ReuseNet(nn.Module):
+    """A conv whose output is used twice (``bn(y) + y``): folding the BN into it would change the model's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, 1, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
 def test_fuse_refuses_and_restores_when_conv_output_is_used_twice():
-    class Reuse(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.bn = nn.Conv2d(3, 4, 3, 1, 1), nn.BatchNorm2d(4)
-
-        def forward(self, x):
-            y = self.conv(x)
-            return self.bn(y) + y  # fusing would change the second use of y
-
-    m = randomise_bn(Reuse()).eval()
+    m = randomise_bn(ReuseNet()).eval()
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
         ref = m(x)
@@ -521,18 +524,6 @@ def test_ultralytics_kd_model_uses_image_files_as_cache_keys(ul):
     no_files = {k: v for k, v in batch.items() if k != "im_file"}  # no keys: no caching, the teacher runs
     model.loss(no_files)
     assert d.teacher_forwards == 2
-
-
-class ReuseNet(nn.Module):
-    """A conv whose output is used twice (``bn(y) + y``): folding the BN into it would change the model's output."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 4, 3, 1, 1), nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        y = self.conv(x)
-        return self.bn(y) + y
 
 
 def test_fuse_auto_leaves_an_unfusable_teacher_unfused_with_a_warning_and_true_raises():
