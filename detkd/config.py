@@ -146,7 +146,7 @@ class TeacherRuntimeConfig:
             save inference tensors), so the terms and gradients are unchanged. Default on.
         channels_last: teacher weights and its 4-D input in ``torch.channels_last`` memory format. ``auto``
             (default): on for an ``offline`` teacher on the CPU (oneDNN's convolutions are faster channels-last:
-            0.82x the teacher forward's time measured for YOLOv8n at 192 px and YOLOv8s at 320 px, 1 thread), off
+            0.83-0.87x the teacher forward's time for YOLOv8n at 192 px and YOLOv8s at 320 px, 1-2 threads), off
             on CUDA (not measured there) and in ``online`` / ``self`` mode.
         fuse: fold each BatchNorm into the conv feeding it (:func:`detkd.distiller.fuse_conv_bn`): ``nn.Sequential``
             neighbours and ``conv``/``bn`` (``conv1``/``bn1``, ...) attribute pairs whose BN input is that conv's

@@ -89,14 +89,14 @@ class _Run:
 def _raw(model: nn.Module, names: tuple[str, ...]):
     """Inside: the modules ``names`` of ``model`` have ``training = True`` (their own flag only; their children keep
     eval mode), so a head whose eval-mode forward adds an inference decode returns its raw outputs."""
-    mods = [model.get_submodule(n) for n in names]
-    for m in mods:
+    mods = [(m, m.training) for m in (model.get_submodule(n) for n in names)]
+    for m, _ in mods:
         m.training = True
     try:
         yield
     finally:
-        for m in mods:
-            m.training = False
+        for m, was in mods:
+            m.training = was
 
 
 def _cast_inputs(inputs: Any, dtype: torch.dtype | None, channels_last: bool) -> Any:
@@ -127,7 +127,7 @@ class TeacherRunner:
         raw_modules: ``offline``: names of teacher modules whose own ``training`` flag is set during the forward
             (not their children's), for heads whose eval-mode output adds a decode the extractor does not use
             (Ultralytics' ``Detect``: box decoding, class sigmoid, YOLO26's top-k; ``extractor`` must take the
-            training-mode output). Never left set: any other user of the module sees it in eval mode.
+            training-mode output). Restored afterwards: any other user of the module sees it as it was.
     """
 
     def __init__(self, teacher: nn.Module | None, runtime: TeacherRuntimeConfig, feature_taps: list[str],

@@ -642,12 +642,13 @@ class KDDetectionModel(DistillationModel):
             teacher = teacher.to(device)
             s_head = UltralyticsHead(stride, s_det.reg_max)
         self.student_model = student
-        yolo_t = isinstance(teacher, DetectionModel)
-        raw = (self.mode == "offline" and yolo_t and next(n for n, m in teacher.named_modules()
-                                                          if m is detect_layer(teacher)),)  # no eval-mode decode
+        yolo_t, raw = isinstance(teacher, DetectionModel), ()
+        if yolo_t and self.mode == "offline":  # the frozen teacher's Detect skips its eval-mode decode (detkd decodes)
+            det = detect_layer(teacher)
+            raw = (next(n for n, m in teacher.named_modules() if m is det),)
         self.distiller = Distiller(student, teacher, cfg, example_inputs=example, head_extractor=s_head,
                                    teacher_head_extractor=t_head, teacher_head_fn=yolo_teacher_head if yolo_t else None,
-                                   teacher_raw_modules=raw if raw[0] else ())
+                                   teacher_raw_modules=raw)
         if self.mode == "online":
             self.online_teacher = teacher  # registered: in parameters() (the optimizer) and in train() / to()
         keys = term_keys(self.distiller.cfg)
