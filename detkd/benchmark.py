@@ -115,6 +115,9 @@ def train_run(model_cfg: str, data: Path, project: Path, name: str, epochs: int,
     import torch
     from ultralytics import YOLO
 
+    from detkd.integrations.ultralytics_env import atomic_dataset_caches
+
+    atomic_dataset_caches()  # stages that start together scan the same labels
     if distill_yaml is not None:
         os.environ["DETKD_THREADS"] = str(threads)
     last = project / name / "weights" / "last.pt"

@@ -270,3 +270,23 @@ def test_problems_print_the_validate_summary_and_errors_refuse(coco_root, tmp_pa
     err = capsys.readouterr().err
     assert "duplicate_id" in err and "problems: 1 error(s)" in err
     assert not (tmp_path / "c3").exists() or not any((tmp_path / "c3").iterdir())
+
+
+def test_labels_cache_written_atomically_when_another_training_removed_it(tmp_path, monkeypatch):
+    """Two trainings scanning the same labels at once: Ultralytics' writer checks ``exists()`` then ``unlink()``s,
+    and the second unlink of one file raised FileNotFoundError, killing a benchmark stage at its start. detkd's
+    writer (installed by importing the integration) replaces the file atomically instead."""
+    from pathlib import Path
+
+    import numpy as np
+
+    import detkd.integrations.ultralytics  # noqa: F401 - installs the writer
+    import ultralytics.data.dataset as dataset
+
+    path = tmp_path / "labels" / "train.cache"
+    path.parent.mkdir()
+    monkeypatch.setattr(Path, "exists", lambda self, *a, **k: True)  # another process saw it, then removed it
+    dataset.save_dataset_cache_file("t: ", path, {"labels": [1, 2]}, "1.0.3")
+    monkeypatch.undo()
+    x = np.load(str(path), allow_pickle=True).item()
+    assert x == {"labels": [1, 2], "version": "1.0.3"} and [p.name for p in path.parent.iterdir()] == ["train.cache"]

@@ -61,7 +61,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from detkd.integrations.ultralytics_env import ensure_ultralytics_offline
+from detkd.integrations.ultralytics_env import atomic_dataset_caches, ensure_ultralytics_offline
 
 ensure_ultralytics_offline()
 
@@ -75,6 +75,8 @@ from ultralytics.nn.tasks import DetectionModel, load_checkpoint  # noqa: E402
 from ultralytics.utils import LOGGER, RANK, YAML  # noqa: E402
 from ultralytics.utils.tal import make_anchors  # noqa: E402
 from ultralytics.utils.torch_utils import ModelEMA, unwrap_model  # noqa: E402
+
+atomic_dataset_caches()  # trainings started together (detkd demo, kd_benchmark --jobs 2) scan the same labels
 
 from detkd.checkpoints import check_checkpoint  # noqa: E402
 from detkd.config import DistillConfig, load_config, resolve_unlabeled_source  # noqa: E402

@@ -80,6 +80,46 @@ def ensure_ultralytics_offline() -> Path:
     return cfg
 
 
+def atomic_dataset_caches() -> None:
+    """Make Ultralytics write its labels ``*.cache`` files atomically (a unique temp file, then ``os.replace``).
+
+    Its own writer does ``if path.exists(): path.unlink()`` before writing, so two trainings that scan the same
+    labels at once (two stages of ``detkd demo`` / ``kd_benchmark.py --jobs 2``; a file list such as the few-label
+    split shares ``labels/train.cache`` with the full split, with another hash, so the cache is rewritten whenever
+    they alternate) race: the second ``unlink`` raises ``FileNotFoundError`` and that training dies at its start.
+    Idempotent; call after importing Ultralytics."""
+    import ultralytics.data.dataset as dataset
+    import ultralytics.data.utils as data_utils
+
+    if getattr(data_utils.save_dataset_cache_file, "_detkd_atomic", False):
+        return
+
+    def save_dataset_cache_file(prefix: str, path: Path, x: dict, version: str) -> None:
+        import threading
+
+        import numpy as np
+
+        x["version"] = version
+        path = Path(path)
+        if not data_utils.is_dir_writeable(path.parent):
+            data_utils.LOGGER.warning(f"{prefix}Cache directory {path.parent} is not writable, cache not saved.")
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                np.save(fh, x)
+            os.replace(tmp, path)
+            data_utils.LOGGER.info(f"{prefix}New cache created: {path}")
+        except Exception as e:  # noqa: BLE001 - as Ultralytics: a cache that cannot be written is only a warning
+            tmp.unlink(missing_ok=True)
+            data_utils.LOGGER.warning(f"{prefix}Failed to save cache to {path}: {e}")
+
+    save_dataset_cache_file._detkd_atomic = True
+    data_utils.save_dataset_cache_file = save_dataset_cache_file
+    if hasattr(dataset, "save_dataset_cache_file"):  # imported by name there
+        dataset.save_dataset_cache_file = save_dataset_cache_file
+
+
 def ensure_safe_loading() -> bool:
     """Make every Ultralytics checkpoint load ``weights_only`` (unless ``DETKD_TRUST_CHECKPOINTS=1``). Returns the mode.
 
